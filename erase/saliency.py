@@ -1,0 +1,263 @@
+"""Weight saliency: the masking core shared by the Stable Diffusion and classifier paths.
+
+SalUn (Fan et al., ICLR 2024, Eq. 5-6): the saliency of a weight is |grad_theta L_f| where
+L_f is the loss on the forget set, summed over the whole forget set *before* the absolute
+value is taken; the mask keeps the top `ratio` fraction of all selected weights under one
+global threshold (not per layer). Only mask==1 weights may change during unlearning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MaskedUpdate",
+    "compute_saliency_mask",
+    "global_topk_mask",
+    "load_mask",
+    "mask_fraction",
+    "save_mask",
+    "select_parameters",
+]
+
+MASK_FORMAT = "erase-saliency-mask/1"
+_INF_BITS = 0x7F800000  # bit pattern of +inf in float32
+
+
+def check_ratio(ratio: float) -> float:
+    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"mask ratio must be in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def _matches(name: str, target: str) -> bool:
+    # exact name, dotted suffix ("attn2.to_k.weight"), or a module on the path ("attn2")
+    dotted = f".{name}."
+    return name == target or name.endswith("." + target) or f".{target}." in dotted
+
+
+def select_parameters(
+    model: torch.nn.Module, target_modules: str | Sequence[str] | None = None
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable parameters chosen by `target_modules`.
+
+    None selects every trainable parameter. A string is a regular expression searched in each
+    parameter name; a list selects by exact name, dotted suffix, or the name of a module on
+    the parameter's path (as peft does). Raises ValueError when nothing matches.
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if target_modules is None:
+        selected = params
+    elif isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        selected = [(n, p) for n, p in params if pattern.search(n)]
+    else:
+        selected = [(n, p) for n, p in params if any(_matches(n, t) for t in target_modules)]
+    if not selected:
+        raise ValueError(f"target_modules={target_modules!r} matched no trainable parameter")
+    return selected
+
+
+def _count_at_least(bits: Sequence[torch.Tensor], threshold: int) -> int:
+    return sum(int((b >= threshold).sum()) for b in bits)
+
+
+def global_topk_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """Keep exactly round(ratio * N) of the largest scores across all tensors.
+
+    Non-negative float32 scores compare like their int32 bit patterns, so the k-th largest
+    value is found by bisection on the bits: 31 counting passes, no sort and no concatenated
+    copy of all scores (the full SD UNet has 860M weights). Ties at the threshold are broken
+    by position: earlier tensors (in mapping order) and earlier flat indices win.
+    """
+    ratio = check_ratio(ratio)
+    bits = {}
+    for name, s in scores.items():
+        s = s.detach().float()
+        if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+            raise ValueError(f"saliency scores of {name!r} must be finite and non-negative")
+        bits[name] = s.view(torch.int32)
+    total = sum(b.numel() for b in bits.values())
+    k = round(ratio * total)
+    if k == 0:
+        raise ValueError(f"ratio {ratio} keeps no weight out of {total}")
+    values = list(bits.values())
+    lo, hi = 0, _INF_BITS  # invariant: count(>= lo) >= k
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _count_at_least(values, mid) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    need = k - _count_at_least(values, lo + 1)  # how many ties at the threshold to keep
+    mask = {}
+    for name, b in bits.items():
+        m = b > lo
+        if need > 0:
+            tie = (b == lo).reshape(-1)
+            take = tie & (tie.cumsum(0) <= need)
+            need -= int(take.sum())
+            m |= take.view(b.shape)
+        mask[name] = m
+    return mask
+
+
+def mask_fraction(mask: Mapping[str, torch.Tensor]) -> float:
+    kept = sum(int(m.sum()) for m in mask.values())
+    return kept / max(1, sum(m.numel() for m in mask.values()))
+
+
+def compute_saliency_mask(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    batches: Iterable[Any],
+    ratio: float = 0.5,
+    target_modules: str | Sequence[str] | None = None,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Saliency mask {parameter name: BoolTensor} from the forget-set loss.
+
+    `loss_fn(model, batch)` returns a scalar loss on one forget batch. Gradients are summed
+    over all batches (and over processes when torch.distributed is initialised: pass the
+    plain model, not a DDP wrapper), the absolute value is taken after summing, and one global
+    threshold keeps the top `ratio` fraction of the selected weights. Extra memory beyond the
+    model is one gradient per selected weight plus one byte of mask per weight.
+    """
+    ratio = check_ratio(ratio)
+    selected = select_parameters(model, target_modules)
+    names = {id(p) for _, p in selected}
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for _, p in model.named_parameters():
+        p.requires_grad_(id(p) in names)  # no gradient memory for unselected weights
+        p.grad = None
+    try:
+        for batch in tqdm(batches, desc="saliency", disable=not show_progress):
+            loss = loss_fn(model, batch)
+            loss.backward()  # .grad accumulates the sum over batches
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        scores = {}
+        for name, p in selected:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = None
+            if distributed and torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+            scores[name] = grad.float().abs_()  # in place for fp32: no copy
+        mask = global_topk_mask(scores, ratio)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+            p.grad = None
+    logger.info("saliency mask keeps %.4f of %d weights", mask_fraction(mask), sum(m.numel() for m in mask.values()))
+    return mask
+
+
+def save_mask(mask: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write the mask bit-packed (1 bit per weight) to a safetensors file, atomically."""
+    tensors, shapes = {}, {}
+    for name, m in mask.items():
+        flat = m.detach().to("cpu", torch.bool).reshape(-1).numpy()
+        tensors[name] = torch.from_numpy(np.packbits(flat))
+        shapes[name] = list(m.shape)
+    meta = {"format": MASK_FORMAT, "shapes": json.dumps(shapes), "ratio": repr(mask_fraction(mask))}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_mask(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Read a mask written by `save_mask`; with `model`, check every name and shape against it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mask file not found: {path}")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != MASK_FORMAT:
+            raise ValueError(f"{path} is not a saliency mask written by this toolkit")
+        shapes = json.loads(meta["shapes"])
+        mask = {}
+        for name, shape in shapes.items():
+            numel = int(np.prod(shape, dtype=np.int64))
+            bits = np.unpackbits(f.get_tensor(name).numpy(), count=numel)
+            mask[name] = torch.from_numpy(bits.astype(bool)).reshape(shape)
+    if model is not None:
+        check_mask_matches(mask, model, source=path)
+    return mask
+
+
+def check_mask_matches(mask: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str = "mask") -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in mask if n not in params]
+    if missing:
+        raise ValueError(f"{source} does not fit this model: {len(missing)} names not in the model, e.g. {missing[0]!r}")
+    for name, m in mask.items():
+        if tuple(m.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"{source} does not fit this model: {name!r} has shape {tuple(m.shape)} in the mask "
+                f"and {tuple(params[name].shape)} in the model"
+            )
+
+
+class MaskedUpdate:
+    """Confine an optimizer to the mask==1 weights, bit-exactly.
+
+    Masking the gradient alone is not enough: weight decay (AdamW, or L2 in SGD/Adam) and
+    momentum still move mask==0 weights, a bug of the SalUn reference code. So gradients are
+    masked in a backward hook (clipping and Adam moments see only salient entries) and the
+    mask==0 values are saved before every `optimizer.step()` and written back after it.
+    Parameters not named in the mask are left alone.
+
+        update = MaskedUpdate(model, mask).attach(optimizer)
+        ...  # an ordinary training loop
+        update.remove()
+    """
+
+    def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor]):
+        check_mask_matches(mask, model)
+        params = dict(model.named_parameters())
+        self.frozen = [(params[n], (~m).to(params[n].device)) for n, m in mask.items() if not bool(m.all())]
+        self._saved: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> MaskedUpdate:
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        for p, frozen in self.frozen:
+            self._handles.append(p.register_hook(lambda g, frozen=frozen: g.masked_fill(frozen, 0)))
+        self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._save()))
+        self._handles.append(optimizer.register_step_post_hook(lambda *_: self._restore()))
+        return self
+
+    @torch.no_grad()
+    def _save(self) -> None:
+        self._saved = [p[frozen] for p, frozen in self.frozen]
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        for (p, frozen), values in zip(self.frozen, self._saved):
+            p[frozen] = values
+        self._saved = []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
