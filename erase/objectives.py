@@ -1,0 +1,93 @@
+"""Losses of the Stable Diffusion path (SalUn, Fan et al. ICLR 2024; ESD, Gandikota et al. 2023)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ESD_TARGETS", "esd_loss", "noise_target", "salun_loss", "saliency_loss"]
+
+
+def saliency_loss(
+    unet: torch.nn.Module,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    uncond_hidden_states: torch.Tensor,
+    guidance_scale: float = 7.5,
+) -> torch.Tensor:
+    """Forget loss whose gradient gives the SalUn mask (SalUn Eq. 8, the MSE of the
+    classifier-free-guided prediction): eps_cfg = (1 + g) eps(x_t, c) - g eps(x_t, empty).
+
+    Returned negated as in the paper; the sign does not change |gradient|.
+    noisy_latents, noise: (B, 4, h, w); *_hidden_states: (B, 77, D).
+    """
+    model_pred = unet(
+        torch.cat([noisy_latents, noisy_latents]),
+        torch.cat([timesteps, timesteps]),
+        encoder_hidden_states=torch.cat([encoder_hidden_states, uncond_hidden_states]),
+    ).sample
+    eps_cond, eps_uncond = model_pred.chunk(2)
+    eps_cfg = (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
+    return -F.mse_loss(eps_cfg.float(), noise.float())
+
+
+def noise_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise, or the velocity for v-prediction models."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def salun_loss(
+    unet: torch.nn.Module,
+    forget: dict[str, torch.Tensor],
+    retain: dict[str, torch.Tensor],
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """SalUn for diffusion (SalUn Eq. 9): remap c to c' on the forget set plus beta * the
+    ordinary denoising loss on the retain set.
+
+    forget: noisy_latents, timesteps, encoder_hidden_states (c), anchor_hidden_states (c').
+    retain: noisy_latents, timesteps, encoder_hidden_states, target.
+    forget_loss = || eps(x_t, c) - stopgrad(eps(x_t, c')) ||^2 on the same x_t.
+    """
+    with torch.no_grad():
+        target = unet(forget["noisy_latents"], forget["timesteps"], encoder_hidden_states=forget["anchor_hidden_states"]).sample
+    # one forward pass for both halves (a single DDP forward per backward)
+    model_pred = unet(
+        torch.cat([forget["noisy_latents"], retain["noisy_latents"]]),
+        torch.cat([forget["timesteps"], retain["timesteps"]]),
+        encoder_hidden_states=torch.cat([forget["encoder_hidden_states"], retain["encoder_hidden_states"]]),
+    ).sample
+    forget_pred, retain_pred = model_pred.split([len(target), len(retain["target"])])
+    forget_loss = F.mse_loss(forget_pred.float(), target.float())
+    retain_loss = F.mse_loss(retain_pred.float(), retain["target"].float())
+    loss = forget_loss + beta * retain_loss
+    return loss, {"forget_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
+
+
+def esd_loss(
+    unet: torch.nn.Module,
+    frozen_unet: torch.nn.Module,
+    forget: dict[str, torch.Tensor],
+    eta: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """ESD (Gandikota et al. 2023, Eq. 2): push eps(x_t, c) towards the frozen model's negatively
+    guided prediction eps*(x_t) - eta * (eps*(x_t, c) - eps*(x_t)).
+
+    forget: noisy_latents, timesteps, encoder_hidden_states (c), uncond_hidden_states.
+    """
+    x, t = forget["noisy_latents"], forget["timesteps"]
+    with torch.no_grad():
+        eps_c = frozen_unet(x, t, encoder_hidden_states=forget["encoder_hidden_states"]).sample
+        eps_0 = frozen_unet(x, t, encoder_hidden_states=forget["uncond_hidden_states"]).sample
+        target = eps_0 - eta * (eps_c - eps_0)
+    model_pred = unet(x, t, encoder_hidden_states=forget["encoder_hidden_states"]).sample
+    loss = F.mse_loss(model_pred.float(), target.float())
+    return loss, {"forget_loss": loss.item()}
+
+
+# ESD-x fine-tunes the cross-attention (attn2) only; ESD-u every other UNet weight.
+ESD_TARGETS = {"esd-x": r"\.attn2\.", "esd-u": r"^(?!.*\.attn2\.)"}

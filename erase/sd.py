@@ -1,0 +1,158 @@
+"""Stable Diffusion wrapper: load any StableDiffusionPipeline-format model and generate.
+
+The same code serves the embedded digits model, a local folder and a hub id such as
+CompVis/stable-diffusion-v1-4. Device and dtype always come from the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import diffusers
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+_DIFFUSERS_VERSION = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
+
+__all__ = ["encode_images", "encode_prompts", "generate", "image_set", "load_pipeline", "resolve_model"]
+
+
+def resolve_model(name_or_path: str) -> str:
+    """`digits` -> the embedded model's folder; anything else (hub id, local path) unchanged."""
+    if name_or_path == "digits":
+        from erase.digits import resolve_model as resolve_digits
+
+        return resolve_digits("digits")
+    return name_or_path
+
+
+def load_pipeline(
+    name_or_path: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusionPipeline:
+    """Load a pipeline folder or hub id, without the safety checker; one clear error if missing."""
+    path = resolve_model(name_or_path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        raise ValueError(f"model folder not found: {path}")
+    # diffusers 0.42 renamed torch_dtype to dtype
+    dtype_arg = {"dtype": dtype} if _DIFFUSERS_VERSION >= (0, 42) else {"torch_dtype": dtype}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **dtype_arg)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load model {name_or_path!r} (offline, or not a Stable Diffusion pipeline?): {err}".splitlines()[0]) from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    batch_size: int = 16,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Image.Image]:
+    """One image per (prompt, seed) pair; image i depends only on prompts[i] and seeds[i],
+    not on batching, so results are reproducible across batch sizes and processes."""
+    if len(prompts) != len(seeds):
+        raise ValueError("prompts and seeds must have the same length")
+    images: list[Image.Image] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk_prompts, chunk_seeds = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in chunk_seeds]
+        out = pipe(
+            chunk_prompts,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            height=height,
+            width=width,
+        )
+        images.extend(out.images)
+    return images
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Text-encoder hidden states (N, 77, D) for each prompt, as the UNet's cross-attention sees them."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = pipe.tokenizer(
+            list(prompts[i : i + batch_size]),
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(pipe.text_encoder.device)
+        out.append(pipe.text_encoder(ids)[0])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_images(pipe: StableDiffusionPipeline, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+    """VAE latents (N, 4, h, w) scaled by the VAE's scaling factor (the posterior mean: deterministic)."""
+    vae = pipe.vae
+    out = []
+    for i in range(0, len(images), batch_size):
+        pixels = pipe.image_processor.preprocess(list(images[i : i + batch_size])).to(vae.device, vae.dtype)
+        out.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def image_set(
+    pipe: StableDiffusionPipeline,
+    model_id: str,
+    prompts: Sequence[str],
+    num_images: int,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    cache_dir: str | os.PathLike,
+    resolution: int | None = None,
+) -> tuple[list[Image.Image], list[str]]:
+    """`num_images` images generated by the original model, cycling through `prompts` with
+    seeds seed, seed+1, ...; cached on disk with their prompts and seeds and reused by later runs."""
+    import hashlib
+    import json
+    import shutil
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    chosen = [prompts[i % len(prompts)] for i in range(num_images)]
+    seeds = [seed + i for i in range(num_images)]
+    key = {"model": model_id, "prompts": chosen, "seeds": seeds, "steps": num_inference_steps,
+           "guidance": guidance_scale, "resolution": resolution}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir, digest)
+    if os.path.isfile(os.path.join(folder, "index.json")):
+        logger.info("reusing %d cached images in %s", num_images, folder)
+        return [Image.open(os.path.join(folder, f"{i:05d}.png")).convert("RGB") for i in range(num_images)], chosen
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".partial-")
+    try:
+        images = []
+        batch = 16
+        for i in tqdm(range(0, num_images, batch), desc="generating", unit="batch"):
+            chunk = generate(pipe, chosen[i : i + batch], seeds[i : i + batch], num_inference_steps,
+                             guidance_scale, batch_size=batch, height=resolution, width=resolution)
+            images.extend(chunk)
+        for i, im in enumerate(images):
+            im.save(os.path.join(tmp, f"{i:05d}.png"))
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump(key, f, indent=1)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return images, chosen

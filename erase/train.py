@@ -1,0 +1,406 @@
+"""Erase a concept from a Stable Diffusion model.
+
+    accelerate launch erase/train.py --concept nudity --output-dir nudity-erased
+    accelerate launch erase/train.py --model digits --concept seven --output-dir seven-erased
+
+Methods, all in one loop on the same data so comparisons are fair: `salun` (SalUn: remap c to
+c' plus beta * retain loss, only salient weights move), `rl` (the same without the mask),
+`esd-x` and `esd-u` (ESD with a frozen teacher, cross-attention or the rest of the UNet).
+The output folder is a complete diffusers pipeline (safetensors) with erase_config.json and
+saliency_mask.safetensors; it appears only when training has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from erase.concepts import Concept, custom_concept, load_concept
+from erase.objectives import ESD_TARGETS, esd_loss, noise_target, salun_loss, saliency_loss
+from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, mask_fraction, save_mask, select_parameters
+from erase.sd import encode_images, encode_prompts, image_set, load_pipeline
+
+logger = get_logger(__name__)
+
+METHODS = ("salun", "rl", "esd-x", "esd-u")
+
+
+@dataclass
+class TrainConfig:
+    """Options of `erase/train.py`; paper defaults (SalUn, nudity). A concept file's `train:`
+    section overrides them for its model, and command-line flags override both."""
+
+    concept: str | None = field(default=None, metadata={"help": "concept name from prompts/*.yaml"})
+    forget_prompt: list[str] = field(default_factory=list, metadata={"help": "custom concept: prompt(s) c to forget"})
+    anchor_prompt: list[str] = field(default_factory=list, metadata={"help": "custom concept: anchor prompt(s) c'"})
+    retain_prompt: list[str] = field(default_factory=list, metadata={"help": "custom concept: prompts to keep"})
+    pretrained_model_name_or_path: str = field(default="CompVis/stable-diffusion-v1-4", metadata={"help": "hub id, folder, or `digits`"})
+    method: str = field(default="salun", metadata={"help": "salun, rl, esd-x or esd-u"})
+    mask_ratio: float = field(default=0.5, metadata={"help": "fraction of UNet weights SalUn may update, in (0, 1]"})
+    mask: str | None = field(default=None, metadata={"help": "reuse a saved saliency mask instead of computing one"})
+    beta: float = field(default=0.1, metadata={"help": "weight of the retain loss (SalUn Eq. 9)"})
+    eta: float = field(default=1.0, metadata={"help": "negative guidance of ESD"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
+    train_batch_size: int = field(default=8, metadata={"help": "forget and retain images per step and process"})
+    max_train_steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    gradient_accumulation_steps: int = 1
+    num_images: int = field(default=800, metadata={"help": "images in the forget set and in the retain set"})
+    generation_steps: int = field(default=50, metadata={"help": "sampler steps when generating the sets"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "guidance when generating the sets, and g of the mask loss"})
+    resolution: int | None = field(default=None, metadata={"help": "image size of the generated sets (model default)"})
+    saliency_batch_size: int = field(default=8, metadata={"help": "forget images per gradient batch for the mask"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "`latest` or a checkpoint-N folder"})
+    output_dir: str = "erased-model"
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+    cache_dir: str = field(default=os.path.join(os.path.expanduser("~"), ".cache", "erase"), metadata={"help": "generated image sets"})
+    report_to: str | None = field(default=None, metadata={"help": "tracker (default: tensorboard when installed)"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        check_ratio(self.mask_ratio)
+        if not self.concept and not self.forget_prompt:
+            raise ValueError("give --concept NAME or --forget-prompt TEXT")
+        if self.max_train_steps < 0 or self.train_batch_size < 1 or self.num_images < 1:
+            raise ValueError("max_train_steps must be >= 0, train_batch_size and num_images >= 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+    def resolve_concept(self) -> Concept:
+        if self.concept:
+            return load_concept(self.concept)
+        return custom_concept(self.forget_prompt, self.anchor_prompt, self.retain_prompt)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(TrainConfig):
+        names = ["--" + f.name.replace("_", "-"), "--" + f.name]  # diffusers' spellings are aliases
+        if f.name == "pretrained_model_name_or_path":
+            names.insert(0, "--model")
+        names = list(dict.fromkeys(names))
+        kwargs = {"dest": f.name, "help": f.metadata.get("help")}
+        if f.type == "bool":
+            parser.add_argument(*names, action="store_true", **kwargs)
+        elif f.type == "list[str]":
+            parser.add_argument(*names, action="append", **kwargs)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            parser.add_argument(*names, type=kind, **kwargs)
+    given = vars(parser.parse_args(argv))
+    # a concept file's `train:` recipe sits between the paper defaults and the flags
+    recipe = {}
+    if given.get("concept"):
+        recipe = load_concept(given["concept"]).train
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in recipe.items() if k in known}, **given})
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    """A generator that depends only on (seed, step, ...): resuming replays the same batches."""
+    value = seed
+    for p in parts:
+        value = value * 1_000_003 + p
+    return torch.Generator().manual_seed(value % (2**63))
+
+
+def noised(scheduler, latents: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a uniform random timestep (DDPM forward process)."""
+    noise = torch.randn(latents.shape, generator=g).to(latents.device, latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(latents.device)
+    return {
+        "noisy_latents": scheduler.add_noise(latents, noise, timesteps),
+        "timesteps": timesteps,
+        "target": noise_target(scheduler, latents, noise, timesteps),
+        "noise": noise,
+    }
+
+
+@dataclass
+class ErasureData:
+    forget_latents: torch.Tensor  # (N, 4, h, w)
+    forget_embeds: torch.Tensor  # (N, 77, D): c of each forget image
+    anchor_embeds: torch.Tensor  # (N, 77, D): c' paired with it
+    retain_latents: torch.Tensor
+    retain_embeds: torch.Tensor
+    uncond_embeds: torch.Tensor  # (1, 77, D): the empty prompt
+
+
+def prepare_data(pipe, cfg: TrainConfig, concept: Concept, accelerator: Accelerator) -> ErasureData:
+    """Generate (or reuse) D_f and D_r with the original model; encode images and prompts once."""
+    gen = dict(num_inference_steps=cfg.generation_steps, guidance_scale=cfg.guidance_scale,
+               cache_dir=os.path.join(cfg.cache_dir, "images"), resolution=cfg.resolution)
+    model_id = os.path.abspath(pipe.name_or_path) if os.path.isdir(pipe.name_or_path) else pipe.name_or_path
+    with accelerator.main_process_first():  # one process generates, the others read the cache
+        forget_images, forget_prompts = image_set(pipe, model_id, concept.forget, cfg.num_images, cfg.seed, **gen)
+        retain_images, retain_prompts = image_set(pipe, model_id, concept.retain, cfg.num_images, cfg.seed + 10**6, **gen)
+    anchor_of = dict(zip(concept.forget, concept.anchor))
+    return ErasureData(
+        forget_latents=encode_images(pipe, forget_images),
+        forget_embeds=encode_prompts(pipe, forget_prompts),
+        anchor_embeds=encode_prompts(pipe, [anchor_of[p] for p in forget_prompts]),
+        retain_latents=encode_images(pipe, retain_images),
+        retain_embeds=encode_prompts(pipe, retain_prompts),
+        uncond_embeds=encode_prompts(pipe, [""]),
+    )
+
+
+def batch_for(data: ErasureData, scheduler, cfg: TrainConfig, g: torch.Generator) -> tuple[dict, dict]:
+    n_f, n_r = len(data.forget_latents), len(data.retain_latents)
+    fi = torch.randint(0, n_f, (cfg.train_batch_size,), generator=g)
+    ri = torch.randint(0, n_r, (cfg.train_batch_size,), generator=g)
+    forget = noised(scheduler, data.forget_latents[fi], g)
+    forget.update(
+        encoder_hidden_states=data.forget_embeds[fi],
+        anchor_hidden_states=data.anchor_embeds[fi],
+        uncond_hidden_states=data.uncond_embeds.expand(len(fi), -1, -1),
+    )
+    retain = noised(scheduler, data.retain_latents[ri], g)
+    retain["encoder_hidden_states"] = data.retain_embeds[ri]
+    return forget, retain
+
+
+# ----------------------------------------------------------------------------- mask
+
+
+def saliency_mask(unet, scheduler, data: ErasureData, cfg: TrainConfig, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """SalUn Eq. 8 on D_f, each process taking a contiguous shard; gradients are summed
+    across processes inside compute_saliency_mask, so the mask does not depend on their number."""
+    n = len(data.forget_latents)
+    shard = range(n)[accelerator.process_index * n // accelerator.num_processes : (accelerator.process_index + 1) * n // accelerator.num_processes]
+    idx = list(shard)
+    batches = [idx[i : i + cfg.saliency_batch_size] for i in range(0, len(idx), cfg.saliency_batch_size)]
+
+    def loss_fn(model, batch_idx):
+        x = [noised(scheduler, data.forget_latents[i : i + 1], step_generator(cfg.seed, -1, i)) for i in batch_idx]
+        stack = {k: torch.cat([xi[k] for xi in x]) for k in ("noisy_latents", "timesteps", "target")}
+        return saliency_loss(model, stack["noisy_latents"], stack["timesteps"], stack["target"],
+                             data.forget_embeds[batch_idx], data.uncond_embeds.expand(len(batch_idx), -1, -1), cfg.guidance_scale)
+
+    return compute_saliency_mask(unet, loss_fn, batches, cfg.mask_ratio, show_progress=accelerator.is_local_main_process)
+
+
+def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging: str, given=None) -> dict[str, torch.Tensor]:
+    """The weights this run may change: the saliency mask (salun), all (rl), or ESD's subset."""
+    saved = os.path.join(staging, "saliency_mask.safetensors")
+    if os.path.isfile(saved):  # resuming: the mask of the interrupted run
+        return load_mask(saved, unet)
+    if cfg.method == "salun":
+        return given if given is not None else saliency_mask(unet, scheduler, data, cfg, accelerator)
+    chosen = {n for n, _ in select_parameters(unet, ESD_TARGETS.get(cfg.method, ".*"))}
+    return {n: torch.full(p.shape, n in chosen, dtype=torch.bool) for n, p in unet.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def staging_dir(output_dir: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(output_dir)), "." + os.path.basename(os.path.abspath(output_dir)) + ".partial")
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    if os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir) and not cfg.overwrite:
+        raise ValueError(f"output folder {cfg.output_dir} exists and is not empty (pass --overwrite to replace it)")
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise ValueError(f"output path {cfg.output_dir} is a file")
+
+
+def latest_checkpoint(staging: str, which: str | None) -> str | None:
+    if not which:
+        return None
+    if which != "latest":
+        return which
+    folder = os.path.join(staging, "checkpoints")
+    steps = [int(m.group(1)) for d in os.listdir(folder) if (m := re.fullmatch(r"checkpoint-(\d+)", d))] if os.path.isdir(folder) else []
+    return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(accelerator: Accelerator, folder: str) -> None:
+    """save_state into a temporary folder, then rename: a run killed mid-write leaves no
+    half checkpoint for `--resume-from-checkpoint latest` to pick up."""
+    tmp = folder + ".tmp"
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import transformers
+
+    import erase
+
+    return {"erase": erase.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+
+
+def train(cfg: TrainConfig) -> str:
+    concept = cfg.resolve_concept()
+    check_output_dir(cfg)
+    staging = staging_dir(cfg.output_dir)
+    report_to = cfg.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else None)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=staging, logging_dir=os.path.join(staging, "logs")),
+    )
+    set_seed(cfg.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, device=accelerator.device)
+    unet, scheduler = pipe.unet, pipe.scheduler
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(scheduler.config)  # the training noise schedule
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    given_mask = load_mask(cfg.mask, unet) if cfg.mask else None  # fail before any generation
+    start = time.perf_counter()
+    data = prepare_data(pipe, cfg, concept, accelerator)
+    seconds_data = time.perf_counter() - start
+
+    start = time.perf_counter()
+    mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask)
+    seconds_mask = time.perf_counter() - start
+    if accelerator.is_main_process:
+        os.makedirs(staging, exist_ok=True)
+        save_mask(mask, os.path.join(staging, "saliency_mask.safetensors"), metadata={"method": cfg.method, "concept": concept.name})
+
+    frozen_unet = None
+    if cfg.method.startswith("esd"):
+        frozen_unet = copy.deepcopy(unet).requires_grad_(False).to(weight_dtype)
+    trainable = {n for n, m in mask.items() if bool(m.any())}
+    for n, p in unet.named_parameters():
+        p.requires_grad_(n in trainable)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
+    update = MaskedUpdate(unet, {n: m for n, m in mask.items() if n in trainable}).attach(optimizer)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    first_step = 0
+    checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        first_step = int(checkpoint.rstrip("/").rsplit("-", 1)[1])
+        logger.info(f"resumed from {checkpoint}")
+    if accelerator.is_main_process and report_to:
+        accelerator.init_trackers("erase", config={k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
+
+    progress = tqdm(range(cfg.max_train_steps), initial=first_step, desc=f"{cfg.method} {concept.name}", disable=not accelerator.is_local_main_process)
+    logs: dict[str, float] = {}
+    start = time.perf_counter()
+    unet.train()
+    for step in range(first_step, cfg.max_train_steps):
+        for micro in range(cfg.gradient_accumulation_steps):
+            g = step_generator(cfg.seed, step, micro, accelerator.process_index)
+            forget, retain = batch_for(data, scheduler, cfg, g)
+            with accelerator.accumulate(unet), accelerator.autocast():
+                if frozen_unet is not None:
+                    loss, logs = esd_loss(unet, frozen_unet, forget, cfg.eta)
+                else:
+                    loss, logs = salun_loss(unet, forget, retain, cfg.beta)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        progress.update(1)
+        progress.set_postfix(**{k: f"{v:.4f}" for k, v in logs.items()})
+        accelerator.log(logs, step=step + 1)
+        if cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.max_train_steps:
+            save_checkpoint(accelerator, os.path.join(staging, "checkpoints", f"checkpoint-{step + 1}"))
+    seconds_train = time.perf_counter() - start
+    progress.close()
+    update.remove()
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        pipe.unet = accelerator.unwrap_model(unet)
+        record = {
+            "config": dataclasses.asdict(cfg),
+            "concept": dataclasses.asdict(concept),
+            "mask": {"trainable_fraction": mask_fraction(mask), "file": "saliency_mask.safetensors"},
+            "num_processes": accelerator.num_processes,
+            "final_losses": logs,
+            "seconds": {"data": seconds_data, "mask": seconds_mask, "train": seconds_train},
+            "resumed_from": checkpoint,
+            "versions": versions(),
+        }
+        publish(pipe, staging, cfg, record)
+    accelerator.end_training()
+    return cfg.output_dir
+
+
+def publish(pipe, staging: str, cfg: TrainConfig, record: dict) -> None:
+    """Write the pipeline into the staging folder, then move it into place in one rename."""
+    final = os.path.join(staging, "pipeline")
+    shutil.rmtree(final, ignore_errors=True)
+    pipe.save_pretrained(final, safe_serialization=True)
+    shutil.copy(os.path.join(staging, "saliency_mask.safetensors"), os.path.join(final, "saliency_mask.safetensors"))
+    with open(os.path.join(final, "erase_config.json"), "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    if os.path.isdir(cfg.output_dir):  # --overwrite (checked earlier): swap, then delete the old one
+        old = staging + ".old"
+        os.replace(cfg.output_dir, old)
+        os.replace(final, cfg.output_dir)
+        shutil.rmtree(old)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.output_dir)), exist_ok=True)
+        os.replace(final, cfg.output_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def quiet_libraries() -> None:
+    """Keep the command's stderr to progress bars and real problems."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    quiet_libraries()
+    try:
+        cfg = parse_args(argv)
+        out = train(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"erased {cfg.concept or 'custom concept'} with {cfg.method}: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

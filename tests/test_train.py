@@ -1,0 +1,202 @@
+"""erase/train.py on a tiny random pipeline: mechanics, contracts, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from erase.saliency import load_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "erase" / "train.py")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+
+def small_run(model: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model), "--num-images", "4", "--generation-steps", "2", "--train-batch-size", "2",
+        "--saliency-batch-size", "2", "--max-train-steps", "3", "--learning-rate", "1e-3",
+        "--output-dir", str(out), "--cache-dir", str(cache), *extra,
+    ]
+
+
+def run_train(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [TRAIN, *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    files = sorted((folder / component).glob("*.safetensors"))
+    assert files, f"no safetensors in {folder / component}"
+    out = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def erased_nudity(tiny_sd_path: Path, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("nudity")
+    out = tmp / "out"
+    proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, out, tmp / "cache")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_nudity_output_is_a_complete_pipeline(erased_nudity: Path, tiny_sd_path: Path) -> None:
+    for name in ["model_index.json", "erase_config.json", "saliency_mask.safetensors", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]:
+        assert (erased_nudity / name).exists(), name
+    assert not list(erased_nudity.parent.glob(".*partial*"))
+    record = json.loads((erased_nudity / "erase_config.json").read_text())
+    assert record["config"]["method"] == "salun" and record["config"]["concept"] == "nudity"
+    assert record["concept"]["forget"] == ["a photo of a nude person"]
+    assert record["versions"]["diffusers"] and record["num_processes"] == 1
+
+
+def test_masked_out_weights_and_frozen_modules_unchanged(erased_nudity: Path, tiny_sd_path: Path) -> None:
+    before, after = weights(tiny_sd_path, "unet"), weights(erased_nudity, "unet")
+    from diffusers import UNet2DConditionModel
+
+    mask = load_mask(erased_nudity / "saliency_mask.safetensors", UNet2DConditionModel.from_pretrained(tiny_sd_path / "unet"))
+    changed = 0
+    for name, m in mask.items():
+        assert torch.equal(after[name][~m], before[name][~m]), f"{name}: a masked-out weight moved"
+        changed += int((after[name][m] != before[name][m]).sum())
+    assert changed > 0.5 * sum(int(m.sum()) for m in mask.values())
+    assert abs(sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values()) - 0.5) < 1e-6
+    for component in ["vae", "text_encoder"]:
+        a, b = weights(tiny_sd_path, component), weights(erased_nudity, component)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+
+
+def test_output_loads_in_a_process_that_never_imports_the_project(erased_nudity: Path) -> None:
+    code = (
+        "import sys, torch\n"
+        "from diffusers import StableDiffusionPipeline\n"
+        f"pipe = StableDiffusionPipeline.from_pretrained({str(erased_nudity)!r})\n"
+        "img = pipe('a photo of a nude person', num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]\n"
+        "assert img.size == (16, 16)\n"
+        "assert not any(m == 'erase' or m.startswith('erase.') for m in sys.modules), 'project imported'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_generated_sets_are_cached_and_reused(erased_nudity: Path) -> None:
+    cache = erased_nudity.parent / "cache" / "images"
+    sets = sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(sets) == 2  # forget and retain
+    index = json.loads((sets[0] / "index.json").read_text())
+    assert {"prompts", "seeds", "model", "steps", "guidance"} <= set(index)
+    stamps = {p: p.stat().st_mtime_ns for s in sets for p in s.iterdir()}
+    proc = run_train(["--concept", "nudity", "--overwrite", *small_run(Path(index["model"]), erased_nudity, cache.parent)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for s in sets for p in s.iterdir()} == stamps
+
+
+@pytest.mark.parametrize("method, touched", [("esd-x", "attn2"), ("esd-u", "not attn2")])
+def test_esd_trains_its_subset(method: str, touched: str, tiny_sd_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_train(["--concept", "church", "--method", method, *small_run(tiny_sd_path, out, tmp_path / "cache")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = weights(tiny_sd_path, "unet"), weights(out, "unet")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved
+    if touched == "attn2":
+        assert all(".attn2." in k for k in moved)
+    else:
+        assert not any(".attn2." in k for k in moved)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_sd_path: Path, tmp_path: Path) -> None:
+    common = ["--concept", "nudity", "--checkpointing-steps", "2"]
+    args = lambda out: common + small_run(tiny_sd_path, out, tmp_path / "cache") + ["--max-train-steps", "8"]  # noqa: E731
+    full = run_train(args(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed_out = tmp_path / "killed"
+    checkpoints = tmp_path / ".killed.partial" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, TRAIN, *args(killed_out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (checkpoints / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed_out.exists(), "the run finished before it could be killed"
+
+    resumed = run_train(args(killed_out) + ["--resume-from-checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((killed_out / "erase_config.json").read_text())
+    assert record["resumed_from"] and "checkpoint-" in record["resumed_from"]
+    a, b = weights(tmp_path / "full", "unet"), weights(killed_out, "unet")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_run_and_give_the_one_process_mask(tiny_sd_path: Path, tmp_path: Path) -> None:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    masks = {}
+    for n, extra in [(1, ["--num_processes", "1"]), (2, ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29531"])]:
+        out = tmp_path / f"out{n}"
+        proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache")], launcher=launch + extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((out / "erase_config.json").read_text())["num_processes"] == n
+        masks[n] = load_mask(out / "saliency_mask.safetensors")
+    assert all(torch.equal(masks[1][k], masks[2][k]) for k in masks[1])
+
+
+def test_custom_concept_from_flags(tiny_sd_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_train(["--forget-prompt", "a red apple", "--anchor-prompt", "a green apple", "--retain-prompt", "a banana",
+                      "--retain-prompt", "a pear", "--mask_ratio", "0.3", *small_run(tiny_sd_path, out, tmp_path / "cache")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "erase_config.json").read_text())
+    assert record["concept"]["retain"] == ["a banana", "a pear"] and record["config"]["mask_ratio"] == 0.3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--concept", "unicorns"], "unknown concept 'unicorns'"),
+        (["--concept", "nudity", "--mask-ratio", "0"], "mask ratio must be in (0, 1]"),
+        (["--concept", "nudity", "--mask-ratio", "1.5"], "mask ratio must be in (0, 1]"),
+        (["--concept", "nudity", "--method", "magic"], "unknown method 'magic'"),
+        (["--concept", "nudity", "--model", "CompVis/stable-diffusion-v1-4"], "cannot load model 'CompVis/stable-diffusion-v1-4'"),
+        (["--concept", "nudity", "--model", "/does/not/exist"], "model folder not found"),
+    ],
+)
+def test_bad_input_one_line_nonzero_no_output(extra: list[str], message: str, tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
+    from erase.train import main
+
+    out = tmp_path / "out"
+    rc = main(small_run(tiny_sd_path, out, tmp_path / "cache") + extra)  # later flags win
+    err = capsys.readouterr().err
+    assert rc != 0
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_existing_output_dir_and_foreign_mask_are_refused(erased_nudity: Path, tiny_sd_path: Path, tmp_path: Path) -> None:
+    keep = sorted(p.name for p in erased_nudity.iterdir())
+    proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, erased_nudity, tmp_path / "cache")])
+    assert proc.returncode != 0 and "exists and is not empty" in proc.stderr
+    assert sorted(p.name for p in erased_nudity.iterdir()) == keep
+
+    from erase.saliency import save_mask
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_mask({"conv_in.weight": torch.ones(3, 3, dtype=torch.bool)}, foreign)
+    out = tmp_path / "out"
+    proc = run_train(["--concept", "nudity", "--mask", str(foreign), *small_run(tiny_sd_path, out, tmp_path / "cache")])
+    assert proc.returncode != 0 and "does not fit this model" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
