@@ -35,7 +35,6 @@ __all__ = [
 ]
 
 MASK_FORMAT = "erase-saliency-mask/1"
-_INF_BITS = 0x7F800000  # bit pattern of +inf in float32
 
 
 def check_ratio(ratio: float) -> float:
@@ -72,17 +71,30 @@ def select_parameters(
     return selected
 
 
-def _count_at_least(bits: Sequence[torch.Tensor], threshold: int) -> int:
-    return sum(int((b >= threshold).sum()) for b in bits)
+_BUCKET_SHIFT = 15  # 2^16 buckets over the int32 bits: 1/128 of an octave each
+
+
+def _kth_largest_bits(bits: Sequence[torch.Tensor], k: int) -> int:
+    """Bit pattern of the k-th largest value (radix select): a histogram of the top 16 bits
+    finds the bucket holding it, then only that bucket's values are sorted."""
+    hist = torch.zeros(1 << (31 - _BUCKET_SHIFT), dtype=torch.int64)
+    for b in bits:
+        hist += torch.bincount((b >> _BUCKET_SHIFT).reshape(-1).long(), minlength=len(hist))
+    above = hist.flip(0).cumsum(0).flip(0)  # above[i] = count in buckets >= i
+    bucket = int(torch.nonzero(above >= k).max())
+    rank = k - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0)  # rank inside the bucket
+    candidates = torch.cat([b[(b >> _BUCKET_SHIFT) == bucket] for b in bits])
+    return int(torch.sort(candidates, descending=True).values[rank - 1])
 
 
 def global_topk_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
     """Keep exactly round(ratio * N) of the largest scores across all tensors.
 
     Non-negative float32 scores compare like their int32 bit patterns, so the k-th largest
-    value is found by bisection on the bits: 31 counting passes, no sort and no concatenated
-    copy of all scores (the full SD UNet has 860M weights). Ties at the threshold are broken
-    by position: earlier tensors (in mapping order) and earlier flat indices win.
+    value is found by a radix select on the bits: two passes and a sort of one small bucket,
+    with no sort and no concatenated copy of all scores (the full SD UNet has 860M weights).
+    Ties at the threshold are broken by position: earlier tensors (in mapping order) and
+    earlier flat indices win.
     """
     ratio = check_ratio(ratio)
     bits = {}
@@ -95,20 +107,13 @@ def global_topk_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[s
     k = round(ratio * total)
     if k == 0:
         raise ValueError(f"ratio {ratio} keeps no weight out of {total}")
-    values = list(bits.values())
-    lo, hi = 0, _INF_BITS  # invariant: count(>= lo) >= k
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _count_at_least(values, mid) >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    need = k - _count_at_least(values, lo + 1)  # how many ties at the threshold to keep
+    threshold = _kth_largest_bits(list(bits.values()), k)
+    need = k - sum(int((b > threshold).sum()) for b in bits.values())  # ties at the threshold to keep
     mask = {}
     for name, b in bits.items():
-        m = b > lo
-        if need > 0:
-            tie = (b == lo).reshape(-1)
+        m = b > threshold
+        tie = (b == threshold).reshape(-1) if need > 0 else None
+        if tie is not None and bool(tie.any()):
             take = tie & (tie.cumsum(0) <= need)
             need -= int(take.sum())
             m |= take.view(b.shape)

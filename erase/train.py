@@ -73,7 +73,7 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
     cache_dir: str = field(default=os.path.join(os.path.expanduser("~"), ".cache", "erase"), metadata={"help": "generated image sets"})
     report_to: str | None = field(default=None, metadata={"help": "tracker (default: tensorboard when installed)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "training randomness (the generated sets use fixed seeds)"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -158,8 +158,9 @@ def prepare_data(pipe, cfg: TrainConfig, concept: Concept, accelerator: Accelera
                cache_dir=os.path.join(cfg.cache_dir, "images"), resolution=cfg.resolution)
     model_id = os.path.abspath(pipe.name_or_path) if os.path.isdir(pipe.name_or_path) else pipe.name_or_path
     with accelerator.main_process_first():  # one process generates, the others read the cache
-        forget_images, forget_prompts = image_set(pipe, model_id, concept.forget, cfg.num_images, cfg.seed, **gen)
-        retain_images, retain_prompts = image_set(pipe, model_id, concept.retain, cfg.num_images, cfg.seed + 10**6, **gen)
+        # fixed generation seeds: every training seed and method reuses the same cached sets
+        forget_images, forget_prompts = image_set(pipe, model_id, concept.forget, cfg.num_images, 0, **gen)
+        retain_images, retain_prompts = image_set(pipe, model_id, concept.retain, cfg.num_images, 10**6, **gen)
     anchor_of = dict(zip(concept.forget, concept.anchor))
     return ErasureData(
         forget_latents=encode_images(pipe, forget_images),

@@ -1,0 +1,155 @@
+"""Erasure quality and time on the embedded digits model: salun, rl, esd-x, esd-u side by side.
+
+For each concept (a digit and a colour), method and seed: `accelerate launch erase/train.py
+--model digits --concept C --method M --seed S` (timed as a whole), then images for the 40
+template prompts "a {colour} handwritten digit {word}" and for the concept's held-out
+paraphrases, scored by the held-out digits classifier. Erasure is the fraction of the
+concept's images still recognised as the concept; preservation is the accuracy on the others.
+
+    python bench/erase_digits.py --seeds 3 --out bench/results/erase_digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from erase.classifier import write_json
+from erase.concepts import load_concept
+from erase.digits import COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, classify_images, load_digits_classifier, prompt_for
+from erase.sd import generate, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("salun", "rl", "esd-x", "esd-u")
+
+
+def score(model: str, concept_names: list[str], n: int, classifier) -> dict:
+    """Per (digit, colour) template accuracy and, per concept, how often its paraphrases still show it."""
+    pipe = load_pipeline(model)
+    prompts = [(d, c) for d in range(10) for c in COLOURS]
+    texts = [prompt_for(d, c) for d, c in prompts for _ in range(n)]
+    seeds = [s for _ in prompts for s in range(n)]
+    digit_pred, colour_pred = classify_images(generate(pipe, texts, seeds, DEFAULT_STEPS, DEFAULT_GUIDANCE), classifier)
+    digit_true = torch.tensor([d for d, _ in prompts for _ in range(n)])
+    colour_true = torch.tensor([COLOURS.index(c) for _, c in prompts for _ in range(n)])
+    out = {
+        "digit_accuracy": {str(d): float((digit_pred == d)[digit_true == d].float().mean()) for d in range(10)},
+        "colour_accuracy": {c: float((colour_pred == i)[colour_true == i].float().mean()) for i, c in enumerate(COLOURS)},
+        "paraphrase_rate": {},
+    }
+    for name in concept_names:
+        concept = load_concept(name)
+        texts = [p for p in concept.eval for _ in range(n)]
+        d_pred, c_pred = classify_images(generate(pipe, texts, [s for _ in concept.eval for s in range(n)], DEFAULT_STEPS, DEFAULT_GUIDANCE), classifier)
+        hit = d_pred == concept.target["digit"] if "digit" in concept.target else c_pred == COLOURS.index(concept.target["colour"])
+        out["paraphrase_rate"][name] = float(hit.float().mean())
+    return out
+
+
+def erasure_metrics(name: str, before: dict, after: dict) -> dict:
+    """Rate at which the erased concept still appears, and the accuracy on everything else."""
+    target = load_concept(name).target
+    kind, value = ("digit", str(target["digit"])) if "digit" in target else ("colour", target["colour"])
+    acc_b, acc_a = before[f"{kind}_accuracy"], after[f"{kind}_accuracy"]
+    others = [k for k in acc_b if k != value]
+    return {
+        "template_rate_before": acc_b[value],
+        "template_rate_after": acc_a[value],
+        "paraphrase_rate_before": before["paraphrase_rate"][name],
+        "paraphrase_rate_after": after["paraphrase_rate"][name],
+        "others_accuracy_before": statistics.fmean(acc_b[k] for k in others),
+        "others_accuracy_after": statistics.fmean(acc_a[k] for k in others),
+        "others_drop_points": 100 * (statistics.fmean(acc_b[k] for k in others) - statistics.fmean(acc_a[k] for k in others)),
+    }
+
+
+def erase_once(concept: str, method: str, seed: int, out: str, args) -> float:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
+           "--model", "digits", "--concept", concept, "--method", method, "--seed", str(seed),
+           "--output-dir", out, "--cache-dir", args.cache_dir]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"erasure failed: {proc.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Erasing from the embedded digits model",
+        "",
+        f"{result['images_per_prompt']} images per prompt and seed; {len(result['seeds'])} seeds; DDIM {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}.",
+        "Rates in %: how often images for the erased concept are still recognised as it (template prompts",
+        "and held-out paraphrases), and the mean accuracy on the other digits (or colours) before and after.",
+        "Time: the whole `accelerate launch erase/train.py` command (generation cached after the first run).",
+        "",
+        "| concept | method | template before → after | paraphrases before → after | others before → after (drop, points) | time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        runs = row["runs"]
+        pct = lambda key: mean_std([100 * r[key] for r in runs])  # noqa: E731
+        lines.append(
+            f"| {row['concept']} | {row['method']} | {pct('template_rate_before')} → {pct('template_rate_after')} | "
+            f"{pct('paraphrase_rate_before')} → {pct('paraphrase_rate_after')} | {pct('others_accuracy_before')} → "
+            f"{pct('others_accuracy_after')} ({mean_std([r['others_drop_points'] for r in runs])}) | {mean_std([r['seconds'] for r in runs])} |"
+        )
+    lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concepts", nargs="+", default=["seven", "red"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--images-per-prompt", type=int, default=5)
+    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
+    parser.add_argument("--out", default="bench/results/erase_digits.json")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    classifier = load_digits_classifier()
+    before = score("digits", args.concepts, args.images_per_prompt, classifier)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for concept in args.concepts:
+            for method in args.methods:
+                runs = []
+                for seed in range(args.seeds):
+                    out = os.path.join(tmp, f"{concept}-{method}-{seed}")
+                    seconds = erase_once(concept, method, seed, out, args)
+                    after = score(out, [concept], args.images_per_prompt, classifier)
+                    runs.append({"seed": seed, "seconds": seconds, **erasure_metrics(concept, before, after), "after": after})
+                    print(concept, method, seed, {k: round(v, 3) for k, v in runs[-1].items() if isinstance(v, float)}, flush=True)
+                rows.append({"concept": concept, "method": method, "runs": runs})
+    result = {
+        "images_per_prompt": args.images_per_prompt,
+        "seeds": list(range(args.seeds)),
+        "before": before,
+        "recipe": {c: load_concept(c).train for c in args.concepts},
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - start,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    }
+    write_json(result, args.out)
+    Path(args.out).with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
