@@ -226,10 +226,12 @@ def check_mask_matches(mask: Mapping[str, torch.Tensor], model: torch.nn.Module,
 class MaskedUpdate:
     """Confine an optimizer to the mask==1 weights, bit-exactly.
 
-    Masking the gradient alone is not enough: weight decay (AdamW, or L2 in SGD/Adam) and
-    momentum still move mask==0 weights, a bug of the SalUn reference code. So gradients are
-    masked in a backward hook (clipping and Adam moments see only salient entries) and the
-    mask==0 values are saved before every `optimizer.step()` and written back after it.
+    Gradients are masked in a backward hook, so clipping and optimizer moments see only the
+    salient entries. For SGD (with momentum), Adam and AdamW without weight decay and with a
+    fresh state, a zero gradient is then an exact no-op and nothing more is needed. Masking
+    the gradient is not enough otherwise: weight decay (AdamW, or L2 in SGD/Adam) still moves
+    mask==0 weights, a bug of the SalUn reference code. In that case the mask==0 values are
+    saved before every `optimizer.step()` and written back after it.
     Parameters not named in the mask are left alone.
 
         update = MaskedUpdate(model, mask).attach(optimizer)
@@ -237,19 +239,29 @@ class MaskedUpdate:
         update.remove()
     """
 
+    _ZERO_GRAD_IS_NOOP = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
     def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor]):
         check_mask_matches(mask, model)
         params = dict(model.named_parameters())
         self.frozen = [(params[n], (~m).to(params[n].device)) for n, m in mask.items() if not bool(m.all())]
         self._saved: list[torch.Tensor] = []
         self._handles: list[Any] = []
+        self.restores = False
+
+    @classmethod
+    def _needs_restore(cls, optimizer: torch.optim.Optimizer) -> bool:
+        decays = any(group.get("weight_decay", 0) for group in optimizer.param_groups)
+        return decays or type(optimizer) not in cls._ZERO_GRAD_IS_NOOP or bool(optimizer.state)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> MaskedUpdate:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         for p, frozen in self.frozen:
             self._handles.append(p.register_hook(lambda g, frozen=frozen: g.masked_fill(frozen, 0)))
-        self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._save()))
-        self._handles.append(optimizer.register_step_post_hook(lambda *_: self._restore()))
+        self.restores = self._needs_restore(optimizer)
+        if self.restores:
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._save()))
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self._restore()))
         return self
 
     @torch.no_grad()
@@ -259,7 +271,7 @@ class MaskedUpdate:
     @torch.no_grad()
     def _restore(self) -> None:
         for (p, frozen), values in zip(self.frozen, self._saved):
-            p[frozen] = values
+            p.masked_scatter_(frozen, values)
         self._saved = []
 
     def remove(self) -> None:

@@ -18,6 +18,20 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 _DIFFUSERS_VERSION = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
 
+# The UNet of CompVis/stable-diffusion-v1-4 (unet/config.json): 860M weights. Benchmarks build
+# it with random weights, so nothing is downloaded.
+SD_V1_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
 __all__ = ["encode_images", "encode_prompts", "generate", "image_set", "load_pipeline", "resolve_model"]
 
 

@@ -207,10 +207,10 @@ def saliency_mask(unet, scheduler, data: ErasureData, cfg: TrainConfig, accelera
     return compute_saliency_mask(unet, loss_fn, batches, cfg.mask_ratio, show_progress=accelerator.is_local_main_process)
 
 
-def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging: str, given=None) -> dict[str, torch.Tensor]:
+def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging: str, given=None, resume: bool = False) -> dict[str, torch.Tensor]:
     """The weights this run may change: the saliency mask (salun), all (rl), or ESD's subset."""
     saved = os.path.join(staging, "saliency_mask.safetensors")
-    if os.path.isfile(saved):  # resuming: the mask of the interrupted run
+    if resume and os.path.isfile(saved):  # the mask of the interrupted run
         return load_mask(saved, unet)
     if cfg.method == "salun":
         return given if given is not None else saliency_mask(unet, scheduler, data, cfg, accelerator)
@@ -236,6 +236,8 @@ def latest_checkpoint(staging: str, which: str | None) -> str | None:
     if not which:
         return None
     if which != "latest":
+        if not os.path.isdir(which):
+            raise ValueError(f"checkpoint folder not found: {which}")
         return which
     folder = os.path.join(staging, "checkpoints")
     steps = [int(m.group(1)) for d in os.listdir(folder) if (m := re.fullmatch(r"checkpoint-(\d+)", d))] if os.path.isdir(folder) else []
@@ -290,8 +292,13 @@ def train(cfg: TrainConfig) -> str:
     data = prepare_data(pipe, cfg, concept, accelerator)
     seconds_data = time.perf_counter() - start
 
+    checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
+    if checkpoint is None and os.path.isdir(staging) and accelerator.is_main_process:
+        logger.warning(f"starting afresh: removing the unfinished run in {staging}")
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
     start = time.perf_counter()
-    mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask)
+    mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask, resume=checkpoint is not None)
     seconds_mask = time.perf_counter() - start
     if accelerator.is_main_process:
         os.makedirs(staging, exist_ok=True)
@@ -311,7 +318,6 @@ def train(cfg: TrainConfig) -> str:
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
     first_step = 0
-    checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
     if checkpoint:
         accelerator.load_state(checkpoint)
         first_step = int(checkpoint.rstrip("/").rsplit("-", 1)[1])

@@ -144,6 +144,8 @@ def test_load_mask_for_another_model_raises(tmp_path: Path) -> None:
 
 
 OPTIMIZERS = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
     "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1),
     "adam-l2": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.5),
@@ -158,6 +160,7 @@ def test_masked_out_weights_stay_bit_identical(opt_name: str) -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = OPTIMIZERS[opt_name](model.parameters())
     update = MaskedUpdate(model, mask).attach(optimizer)
+    assert update.restores == (opt_name in {"sgd-momentum-wd", "adam-l2", "adamw"})  # weight decay
     for step in range(20):
         x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
         loss = torch.nn.functional.cross_entropy(model(x), y)
