@@ -1,3 +1,18 @@
-"""Evaluation of erased models: NudeNet on I2P prompts, FID, class accuracy."""
+"""Evaluation of erased models: NudeNet on I2P prompts, FID, class accuracy, before/after reports."""
 
-__all__: list[str] = []
+from eval.classes import ClassAccuracy, ClassTask, per_class_counts
+from eval.fid import DigitsFeatures, make_fid
+from eval.nudity import EXPOSED_LABELS, NudityScore, count_exposed
+from eval.report import compare
+
+__all__ = [
+    "EXPOSED_LABELS",
+    "ClassAccuracy",
+    "ClassTask",
+    "DigitsFeatures",
+    "NudityScore",
+    "compare",
+    "count_exposed",
+    "make_fid",
+    "per_class_counts",
+]

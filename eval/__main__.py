@@ -1,0 +1,289 @@
+"""python -m eval classes|nudity|fid|compare: evaluate a (possibly erased) text-to-image model.
+
+    python -m eval classes --model digits --out classes.json
+    python -m eval nudity --model DIR --prompts i2p.csv --out nudity.json
+    python -m eval nudity --images DIR --out nudity.json
+    python -m eval fid --model DIR --reference-model digits --out fid.json
+    python -m eval compare digits DIR --out reports/erased
+
+`--model` takes `digits` (the embedded model), a pipeline folder or a hub id. Under
+`accelerate launch -m eval ...` generation is sharded over the processes and gathered; the
+main process writes the report (atomically: a failed run leaves no output behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("eval")
+
+SD_STEPS, SD_GUIDANCE = 50, 7.5  # defaults for Stable Diffusion models (the diffusers defaults)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def is_digits_model(name_or_path: str, _depth: int = 0) -> bool:
+    """The embedded model, or a folder erased from it (erase/train.py's erase_config.json says so)."""
+    if name_or_path == "digits":
+        return True
+    folder = Path(name_or_path)
+    if (folder / "digits_training.json").is_file():
+        return True
+    try:
+        record = json.loads((folder / "erase_config.json").read_text())
+        source = record["config"]["pretrained_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(source, str) and _depth < 8 and is_digits_model(source, _depth + 1)
+
+
+def sampler_defaults(model: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """Steps and guidance: as given, else the digits model's defaults, else Stable Diffusion's."""
+    if is_digits_model(model):
+        from erase.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+        default_steps, default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
+    else:
+        default_steps, default_guidance = SD_STEPS, SD_GUIDANCE
+    return (steps or default_steps), (default_guidance if guidance is None else guidance)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def run_classes(args, state) -> dict:
+    from erase.sd import load_pipeline, resolve_model
+    from eval.classes import class_samples, evaluate_classes, load_task
+
+    steps, guidance = sampler_defaults(args.model, args.steps, args.guidance)
+    pipe = load_pipeline(args.model, device=state.device, dtype=DTYPES[args.dtype])
+    task = load_task(args.classifier, device=state.device, classifier_model=args.classifier_model)
+    samples = class_samples(task, args.images_per_prompt, guidance, args.seed)
+    report = evaluate_classes(pipe, task, samples, steps, batch_size=args.batch_size, height=args.resolution,
+                              width=args.resolution, state=state)
+    return report | {"classifier": task.name, "classes": task.heads, "prompts": [p for p, _ in task.prompts],
+                     "seeds": [s.seed for s in samples], "seed_rule": "seed + prompt_index * images_per_prompt + k",
+                     "images_per_prompt": args.images_per_prompt, "steps": steps, "guidance": guidance,
+                     "resolution": args.resolution, "model": args.model, "model_path": resolve_model(args.model)}
+
+
+def run_nudity(args, state) -> dict:
+    from eval.nudity import default_detector, protocol
+    from eval.report import image_paths
+
+    detector = default_detector()
+    if args.images:
+        from eval.nudity import score_images
+
+        paths = image_paths(args.images)
+        summary = score_images(paths, detector, state=state)
+        source = {"source": "images", "images_dir": os.path.abspath(args.images)}
+        return summary | {"protocol": protocol(detector) | source}
+    return _nudity_generated(args, state, detector)
+
+
+def _nudity_generated(args, state, detector) -> dict:
+    from erase.sd import load_pipeline, resolve_model
+    from eval.nudity import evaluate_nudity, load_prompt_rows, prompt_samples, protocol
+    from eval.report import shared_output_dir
+
+    steps, default_guidance = sampler_defaults(args.model, args.steps, None)
+    rows, source = load_prompt_rows(args.prompts, args.category, args.limit)
+    samples = prompt_samples(rows, args.images_per_prompt, args.guidance, args.seed, default_guidance)
+    pipe = load_pipeline(args.model, device=state.device, dtype=DTYPES[args.dtype])
+    with shared_output_dir(args.save_images, state) as save_dir:
+        summary = evaluate_nudity(pipe, samples, steps, detector, batch_size=args.batch_size, height=args.resolution,
+                                  width=args.resolution, save_dir=save_dir, state=state)
+    guidance = args.guidance if args.guidance is not None else f"per row (evaluation_guidance), else {default_guidance}"
+    return summary | {"protocol": protocol(detector) | source | {
+        "source": "generated", "model": args.model, "model_path": resolve_model(args.model), "steps": steps,
+        "guidance": guidance, "images_per_prompt": args.images_per_prompt, "resolution": args.resolution,
+        "seed_rule": f"row seed (evaluation_seed) + k, else {args.seed} + row * images_per_prompt + k",
+        "seeds": [s.seed for s in samples]}}
+
+
+def run_fid(args, state) -> dict:
+    from erase.sd import load_pipeline, resolve_model
+    from eval.fid import evaluate_fid, make_fid
+    from eval.report import image_paths
+
+    features = args.features or ("digits" if is_digits_model(args.model) else "inception")
+    metric, feature_name = make_fid(features, device=state.device)  # fails early when the extra is missing
+    reference_paths = image_paths(args.reference) if args.reference else None
+    steps, guidance = sampler_defaults(args.model, args.steps, args.guidance)
+    samples, prompts_source = _fid_samples(args, guidance)
+    pipe = load_pipeline(args.model, device=state.device, dtype=DTYPES[args.dtype])
+    reference_pipe = None if args.reference else load_pipeline(args.reference_model, device=state.device,
+                                                               dtype=DTYPES[args.dtype])
+    result = evaluate_fid(pipe, samples, steps, metric, reference_pipe=reference_pipe, reference_paths=reference_paths,
+                          batch_size=args.batch_size, height=args.resolution, width=args.resolution, state=state)
+    reference = ({"folder": os.path.abspath(args.reference)} if args.reference else
+                 {"model": args.reference_model, "model_path": resolve_model(args.reference_model),
+                  "same_prompts_and_seeds": True})
+    return result | {"features": feature_name, "reference": reference, "model": args.model,
+                     "model_path": resolve_model(args.model), "prompts": prompts_source,
+                     "images_per_prompt": args.images_per_prompt, "steps": steps, "guidance": guidance,
+                     "resolution": args.resolution, "seeds": [s.seed for s in samples]}
+
+
+def _fid_samples(args, guidance: float):
+    """Samples from --prompts, or every digits template prompt for a digits model."""
+    from eval.nudity import load_prompt_rows, prompt_samples
+
+    if args.prompts:
+        rows, source = load_prompt_rows(args.prompts)
+    elif is_digits_model(args.model):
+        from erase.digits import COLOURS, DIGIT_WORDS, prompt_for
+
+        rows = [{"prompt": prompt_for(d, c), "seed": None, "guidance": None, "categories": None}
+                for d in range(len(DIGIT_WORDS)) for c in COLOURS]
+        source = {"prompts_file": None, "prompts": "digits template, every digit in every colour"}
+    else:
+        raise ValueError("fid needs --prompts FILE (CSV or text) for a model other than digits")
+    return prompt_samples(rows, args.images_per_prompt, guidance, args.seed, guidance), source
+
+
+def run_compare(args, state) -> dict:
+    from eval.report import CompareOptions, compare
+
+    digits_like = is_digits_model(args.original)
+    steps, guidance = sampler_defaults(args.original, args.steps, None)
+    classifier = args.classifier or ("digits" if digits_like else None)
+    metrics = args.metrics.split(",") if args.metrics else (["classes", "fid"] if classifier else ["nudity", "fid"])
+    opts = CompareOptions(
+        original=args.original, erased=args.erased, metrics=tuple(metrics), classifier=classifier or "digits",
+        classifier_model=args.classifier_model, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
+        num_inference_steps=steps, guidance_scale=args.guidance, default_guidance=guidance, seed=args.seed,
+        batch_size=args.batch_size, resolution=args.resolution, grid_prompts=args.grid_prompts,
+        features=args.features or ("digits" if digits_like or classifier == "digits" else "inception"))
+    return compare(opts, args.out, device=state.device, dtype=DTYPES[args.dtype], state=state)
+
+
+COMMANDS = {"classes": run_classes, "nudity": run_nudity, "fid": run_fid, "compare": run_compare}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _sampling_args(p: argparse.ArgumentParser, images_per_prompt: int) -> None:
+    p.add_argument("--images-per-prompt", type=int, default=images_per_prompt, help="images generated per prompt")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 for digits, else 50)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: a CSV row's own, else 5 for digits, 7.5 otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="first seed of prompts without their own seed")
+    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("classes", help="per-class accuracy of generated images")
+    p.add_argument("--model", required=True, help="digits, a pipeline folder or a hub id")
+    p.add_argument("--classifier", choices=["digits", "imagenette"], default="digits")
+    p.add_argument("--classifier-model", default="microsoft/resnet-50", help="ImageNet classifier (imagenette)")
+    p.add_argument("--out", required=True, help="JSON report to write")
+    _sampling_args(p, 10)
+
+    p = sub.add_parser("nudity", help="NudeNet counts on I2P prompts (or on an image folder)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="digits, a pipeline folder or a hub id")
+    source.add_argument("--images", help="score this folder of images instead of generating")
+    p.add_argument("--prompts", default="AIML-TUDA/i2p", help="I2P-format CSV (or the hub id, when online)")
+    p.add_argument("--category", default=None, help="only I2P rows of this category (e.g. sexual)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--save-images", default=None, help="also write the generated images to this folder")
+    p.add_argument("--out", required=True, help="JSON report to write")
+    _sampling_args(p, 1)
+
+    p = sub.add_parser("fid", help="FID against a reference folder or the original model")
+    p.add_argument("--model", required=True, help="digits, a pipeline folder or a hub id")
+    reference = p.add_mutually_exclusive_group(required=True)
+    reference.add_argument("--reference", help="folder of reference images")
+    reference.add_argument("--reference-model", help="render the same prompts and seeds with this model")
+    p.add_argument("--prompts", default=None, help="CSV or text file (default for digits: every digit/colour)")
+    p.add_argument("--features", choices=["inception", "digits"], default=None,
+                   help="feature extractor (default: digits for the digits model, else inception)")
+    p.add_argument("--out", required=True, help="JSON report to write")
+    _sampling_args(p, 4)
+
+    p = sub.add_parser("compare", help="before/after report of two models: JSON, Markdown, PNG grid")
+    p.add_argument("original", help="the original model (digits, folder or hub id)")
+    p.add_argument("erased", help="the erased model")
+    p.add_argument("--prompts", default=None, help="CSV or text file (default for digits: the class prompts)")
+    p.add_argument("--metrics", default=None, help="comma-separated: classes,nudity,fid")
+    p.add_argument("--classifier", choices=["digits", "imagenette"], default=None)
+    p.add_argument("--classifier-model", default="microsoft/resnet-50")
+    p.add_argument("--features", choices=["inception", "digits"], default=None)
+    p.add_argument("--grid-prompts", type=int, default=10, help="prompts shown in the image grid")
+    p.add_argument("--out", required=True, help="output folder")
+    _sampling_args(p, 4)
+    args = parser.parse_args(argv)
+    if args.images_per_prompt < 1 or args.batch_size < 1:
+        parser.error("--images-per-prompt and --batch-size must be >= 1")
+    return args
+
+
+def _headline(command: str, report: dict) -> str:
+    if command == "classes":
+        return f"overall accuracy {report['overall_accuracy']:.3f} ({report['num_images']} images)"
+    if command == "nudity":
+        return (f"flagged fraction {report['flagged_fraction']:.3f} ({report['num_images']} images), "
+                f"counts {report['counts']}")
+    if command == "fid":
+        return (f"FID {report['fid']:.3f} ({report['features']} features, "
+                f"{report['num_generated']} vs {report['num_reference']} images)")
+    return "report.json, report.md and grid.png written"
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr to progress bars and our own one-line errors (hub retries would add lines)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    _quiet_libraries()
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # Why the flag: `accelerate launch` passes "run on the CPU" in this variable, which only
+    # Accelerator reads by itself; without it a CPU-only launch falls back to one process.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    start = time.time()
+    try:
+        report = COMMANDS[args.command](args, state)
+    except (ValueError, OSError, ImportError) as err:
+        print(f"error: {err}".splitlines()[0], file=sys.stderr)
+        return 1
+    report |= {"num_processes": state.num_processes, "wall_seconds": round(time.time() - start, 1)}
+    if state.is_main_process:
+        if args.command != "compare":
+            from eval.report import versions, write_json_atomic
+
+            write_json_atomic(report | {"versions": versions()}, args.out)
+        print(f"{args.command}: {_headline(args.command, report)} -> {args.out}")
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        state.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
