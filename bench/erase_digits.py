@@ -103,6 +103,8 @@ def markdown(result: dict) -> str:
     ]
     for row in result["rows"]:
         runs = row["runs"]
+        if not runs:
+            continue
         pct = lambda key: mean_std([100 * r[key] for r in runs])  # noqa: E731
         lines.append(
             f"| {row['concept']} | {row['method']} | {pct('template_rate_before')} → {pct('template_rate_after')} | "
@@ -125,31 +127,34 @@ def main() -> None:
     start = time.perf_counter()
     classifier = load_digits_classifier()
     before = score("digits", args.concepts, args.images_per_prompt, classifier)
-    rows = []
+    rows: list[dict] = []
+
+    def save() -> None:  # after every run, so an interrupted benchmark keeps what it measured
+        result = {
+            "images_per_prompt": args.images_per_prompt,
+            "seeds": list(range(args.seeds)),
+            "before": before,
+            "recipe": {c: load_concept(c).train for c in args.concepts},
+            "rows": rows,
+            "wall_seconds": time.perf_counter() - start,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        }
+        write_json(result, args.out)
+        Path(args.out).with_suffix(".md").write_text(markdown(result))
+
     with tempfile.TemporaryDirectory() as tmp:
         for concept in args.concepts:
             for method in args.methods:
-                runs = []
+                row = {"concept": concept, "method": method, "runs": []}
+                rows.append(row)
                 for seed in range(args.seeds):
                     out = os.path.join(tmp, f"{concept}-{method}-{seed}")
                     seconds = erase_once(concept, method, seed, out, args)
                     after = score(out, [concept], args.images_per_prompt, classifier)
-                    runs.append({"seed": seed, "seconds": seconds, **erasure_metrics(concept, before, after), "after": after})
-                    print(concept, method, seed, {k: round(v, 3) for k, v in runs[-1].items() if isinstance(v, float)}, flush=True)
-                rows.append({"concept": concept, "method": method, "runs": runs})
-    result = {
-        "images_per_prompt": args.images_per_prompt,
-        "seeds": list(range(args.seeds)),
-        "before": before,
-        "recipe": {c: load_concept(c).train for c in args.concepts},
-        "rows": rows,
-        "wall_seconds": time.perf_counter() - start,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-    }
-    write_json(result, args.out)
-    Path(args.out).with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-
+                    row["runs"].append({"seed": seed, "seconds": seconds, **erasure_metrics(concept, before, after), "after": after})
+                    save()
+                    print(concept, method, seed, {k: round(v, 3) for k, v in row["runs"][-1].items() if isinstance(v, float)}, flush=True)
+    print(Path(args.out).with_suffix(".md").read_text())
 
 if __name__ == "__main__":
     main()
