@@ -1,0 +1,375 @@
+"""Worst-case vs random forget sets ("Challenging Forgets", Fan et al., ECCV 2024).
+
+Data-wise (digits, 10%): for each seed, the original model is trained, a random 10% forget set
+is drawn (the search's start), and for each method (FT, RL, SalUn) the worst-case set is
+searched with that method as the lower level; the method then unlearns both sets with the
+toolkit's default settings (erase.classifier.DEFAULT_LR, 10 epochs), and Retrain is run on
+each set for the gap. "Harder" means: lower UA at equal RA (RA within 0.5 points), or a larger
+gap to Retrain. The forget-set cross-entropy after unlearning is reported too: UA saturates at 0
+on digits for FT (it forgets nothing at random either), the loss does not.
+
+Prompt-wise (the embedded digits model, if its weights are present): among the 40 prompts
+"a {colour} handwritten digit {word}", the m hardest to erase are searched (SalUn lower level;
+upper loss `denoising`, the paper's, and `contrast`); then SalUn erases those m prompts, and the
+random m the search started from, with the same budget (objectives.salun_loss under a saliency
+mask, Adam); the held-out digits classifier scores images of the forget prompts (UA: % not
+showing the prompt's digit in its colour) and of the other prompts (RA).
+
+    python bench/worst_case.py --seeds 3 --out bench/results/worst_case.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from erase.classifier import UnlearnConfig, evaluate, load_dataset, parse_forget, train_original, unlearn, write_json
+from erase.worst_case import WorstCaseConfig, build_prompt_problem, classifier_problem, digits_candidates, random_start, resolve_size, search
+
+METRICS = ("UA", "RA", "TA", "MIA")
+DATA_METHODS = ("ft", "rl", "salun")
+EQUAL_RA = 0.5  # points
+
+
+# ----------------------------------------------------------------------------- data-wise
+
+
+def gap(metrics: dict[str, float], retrain: dict[str, float]) -> float:
+    return sum(abs(metrics[k] - retrain[k]) for k in METRICS) / len(METRICS)
+
+
+@torch.no_grad()
+def forget_ce(model, data, idx) -> float:
+    model.eval()
+    return float(F.cross_entropy(model(data.train_x[idx]), data.train_y[idx]))
+
+
+def unlearn_and_score(original, data, idx, method: str, seed: int, epochs: int) -> dict:
+    cfg = UnlearnConfig(method=method, seed=seed, epochs=epochs)
+    start = time.perf_counter()
+    model = unlearn(original, data, idx, cfg)
+    seconds = time.perf_counter() - start
+    return {"metrics": evaluate(model, data, idx), "forget_ce": forget_ce(model, data, idx), "seconds": seconds}
+
+
+def data_seed(seed: int, args) -> dict:
+    """One seed: original model, the random set, and per method a worst-case search and both unlearnings."""
+    data = load_dataset("digits", seed=seed)
+    original = train_original(data, UnlearnConfig(method="retrain", seed=seed))
+    random_idx = parse_forget(f"random:{args.fraction}", data.train_y, seed=seed)
+    retrain_random = unlearn_and_score(original, data, random_idx, "retrain", seed, args.epochs)
+    out = {"seed": seed, "original_forget_ce_random": forget_ce(original, data, random_idx), "methods": {}}
+    for variant in args.variants:
+        method, _, hyper = variant.partition(":")
+        cfg = WorstCaseConfig(target="data", size=str(args.fraction), method=method, seed=seed,
+                              outer_steps=args.outer_steps, hypergradient=hyper or "direct")
+        problem = classifier_problem(cfg, data, original)
+        m = resolve_size(cfg.size, problem.num_items)
+        result = search(problem, m, cfg.search_options(show_progress=False), random_start(problem.num_items, m, seed))
+        assert result.start == random_idx.tolist(), "the search starts at the random set"
+        worst_idx = torch.tensor(result.selected)
+        retrain_worst = unlearn_and_score(original, data, worst_idx, "retrain", seed, args.epochs)
+        runs = {"random": unlearn_and_score(original, data, random_idx, method, seed, args.epochs),
+                "worst": unlearn_and_score(original, data, worst_idx, method, seed, args.epochs)}
+        for name, run, ref in (("random", runs["random"], retrain_random), ("worst", runs["worst"], retrain_worst)):
+            run["gap"] = gap(run["metrics"], ref["metrics"])
+            run["retrain"] = ref["metrics"]
+        out["methods"][variant] = {
+            **runs,
+            "search_seconds": result.seconds,
+            "search_cost_vs_unlearning": result.seconds / runs["random"]["seconds"],
+            "overlap_with_random": 1 - len(set(result.selected) - set(result.start)) / m,
+            "original_forget_ce_worst": forget_ce(original, data, worst_idx),
+            "class_histogram_worst": torch.bincount(data.train_y[worst_idx], minlength=10).tolist(),
+            "upper_objective": [h["upper_objective"] for h in result.history],
+        }
+        print(f"  seed {seed} {variant}: UA random {runs['random']['metrics']['UA']:.2f} worst {runs['worst']['metrics']['UA']:.2f}, "
+              f"search {result.seconds:.1f} s", flush=True)
+    return out
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def harder(random: dict, worst: dict) -> dict[str, bool]:
+    ua_lower = worst["metrics"]["UA"] < random["metrics"]["UA"] and abs(worst["metrics"]["RA"] - random["metrics"]["RA"]) <= EQUAL_RA
+    return {"lower_UA_at_equal_RA": ua_lower, "larger_gap": worst["gap"] > random["gap"],
+            "lower_forget_ce": worst["forget_ce"] < random["forget_ce"]}
+
+
+def summarise_data(seeds: list[dict], variants: list[str]) -> dict:
+    summary = {}
+    for variant in variants:
+        runs = [s["methods"][variant] for s in seeds]
+        row = {}
+        for name in ("random", "worst"):
+            row[name] = {k: mean_std([r[name]["metrics"][k] for r in runs]) for k in METRICS}
+            row[name]["retrain_UA"] = mean_std([r[name]["retrain"]["UA"] for r in runs])
+            for k in ("gap", "forget_ce", "seconds"):
+                row[name][k] = mean_std([r[name][k] for r in runs])
+        row["random"]["forget_ce_before"] = mean_std([s["original_forget_ce_random"] for s in seeds])
+        row["worst"]["forget_ce_before"] = mean_std([r["original_forget_ce_worst"] for r in runs])
+        verdicts = [harder(r["random"], r["worst"]) for r in runs]
+        row["harder_in_seeds"] = {k: sum(v[k] for v in verdicts) for k in verdicts[0]}
+        row["search_seconds"] = mean_std([r["search_seconds"] for r in runs])
+        row["search_cost_vs_unlearning"] = mean_std([r["search_cost_vs_unlearning"] for r in runs])
+        row["overlap_with_random"] = mean_std([r["overlap_with_random"] for r in runs])
+        summary[variant] = row
+    return summary
+
+
+# ----------------------------------------------------------------------------- prompt-wise
+
+
+def erase_prompt_set(pipe, problem, forget_items: list[int], args, seed: int):
+    """SalUn on the digits UNet: forget = the chosen candidates (each remapped to its anchor),
+    retain = the other candidates; saliency mask from the forget images; Adam, `prompt_steps`."""
+    from erase.objectives import salun_loss, saliency_loss
+    from erase.saliency import MaskedUpdate, compute_saliency_mask
+    from erase.train import noised, step_generator
+
+    data = problem.data
+    forget_mask = torch.isin(data.prompt_of, torch.tensor(forget_items))
+    f_idx, r_idx = torch.nonzero(forget_mask).flatten(), torch.nonzero(~forget_mask).flatten()
+    unet = copy.deepcopy(pipe.unet).requires_grad_(True)
+
+    def mask_loss(model, idx):
+        batch = noised(problem.scheduler, data.latents[idx], step_generator(seed, 10**6, int(idx[0])))
+        cond = data.embeds[data.prompt_of[idx]]
+        return saliency_loss(model, batch["noisy_latents"], batch["timesteps"], batch["noise"], cond,
+                             data.uncond_embeds.expand(len(idx), -1, -1))
+
+    mask = compute_saliency_mask(unet, mask_loss, list(f_idx.split(8)), args.mask_ratio, show_progress=False)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=args.prompt_lr)
+    update = MaskedUpdate(unet, mask).attach(optimizer)
+    unet.train()
+    for step in range(args.prompt_steps):
+        g = step_generator(seed, step)
+        fi, ri = f_idx[torch.randint(0, len(f_idx), (8,), generator=g)], r_idx[torch.randint(0, len(r_idx), (8,), generator=g)]
+        forget = noised(problem.scheduler, data.latents[fi], g)
+        forget.update(encoder_hidden_states=data.embeds[data.prompt_of[fi]], anchor_hidden_states=data.anchor_embeds[data.prompt_of[fi]])
+        retain = noised(problem.scheduler, data.latents[ri], g)
+        retain["encoder_hidden_states"] = data.embeds[data.prompt_of[ri]]
+        loss, _ = salun_loss(unet, forget, retain, args.beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    update.remove()
+    return unet.eval()
+
+
+def score_prompts(pipe, unet, items: list[int], n: int, classifier) -> float:
+    """% of n images per prompt that the classifier reads as the prompt's digit in its colour."""
+    from erase.digits import COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, classify_images
+    from erase.sd import generate
+
+    pairs = [(d, c) for d in range(10) for c in range(len(COLOURS))]  # candidate order of digits_candidates
+    prompts, _ = digits_candidates()
+    original_unet, pipe.unet = pipe.unet, unet
+    try:
+        images = generate(pipe, [prompts[i] for i in items for _ in range(n)], [10_000 + s for _ in items for s in range(n)],
+                          DEFAULT_STEPS, DEFAULT_GUIDANCE, batch_size=64)
+    finally:
+        pipe.unet = original_unet
+    digit, colour = classify_images(images, classifier)
+    want_d = torch.tensor([pairs[i][0] for i in items for _ in range(n)])
+    want_c = torch.tensor([pairs[i][1] for i in items for _ in range(n)])
+    return 100.0 * float(((digit == want_d) & (colour == want_c)).float().mean())
+
+
+def erase_and_score(pipe, problem, items: list[int], classifier, args, seed: int) -> dict:
+    start = time.perf_counter()
+    unet = erase_prompt_set(pipe, problem, items, args, seed)
+    seconds = time.perf_counter() - start
+    others = [i for i in range(problem.num_items) if i not in items]
+    return {
+        "UA_before": 100.0 - score_prompts(pipe, pipe.unet, items, args.eval_images, classifier),
+        "UA": 100.0 - score_prompts(pipe, unet, items, args.eval_images, classifier),
+        "RA": score_prompts(pipe, unet, others, max(1, args.eval_images // 4), classifier),
+        "seconds": seconds,
+    }
+
+
+def prompt_seed(seed: int, pipe, classifier, args) -> dict:
+    """The random set (the search's start) and, per upper loss, the searched set, each erased and scored."""
+    prompts, anchors = digits_candidates()
+    out = {"seed": seed, "variants": {}}
+    for loss in args.prompt_losses:
+        cfg = WorstCaseConfig(target="prompt", model="digits", size=str(args.prompt_size), method="salun", seed=seed,
+                              outer_steps=args.prompt_outer_steps, inner_steps=args.prompt_inner_steps, batch_size=16,
+                              images_per_prompt=args.images_per_prompt, eval_draws=1, prompt_loss=loss, cache_dir=args.cache_dir)
+        problem = build_prompt_problem(cfg, pipe, prompts, anchors)
+        m = resolve_size(cfg.size, len(prompts))
+        result = search(problem, m, cfg.search_options(show_progress=False), random_start(len(prompts), m, seed))
+        if "random" not in out:
+            out["random"] = {"items": result.start, "prompts": [prompts[i] for i in result.start],
+                             **erase_and_score(pipe, problem, result.start, classifier, args, seed)}
+        run = erase_and_score(pipe, problem, result.selected, classifier, args, seed)
+        out["variants"][loss] = {"items": result.selected, "prompts": [prompts[i] for i in result.selected], **run,
+                                 "search_seconds": result.seconds,
+                                 "search_cost_vs_unlearning": result.seconds / out["random"]["seconds"],
+                                 "upper_objective": [h["upper_objective"] for h in result.history]}
+        print(f"  seed {seed} prompts ({loss}): UA random {out['random']['UA']:.1f} worst {run['UA']:.1f}, "
+              f"search {result.seconds:.1f} s", flush=True)
+    return out
+
+
+def prompt_part(args) -> dict:
+    from erase.digits import MODEL_DIR, load_digits_classifier
+    from erase.sd import load_pipeline
+    from erase.worst_case import _quiet_libraries
+
+    model = Path(args.model or MODEL_DIR)
+    if not (model / "model_index.json").is_file():
+        return {"skipped": f"the embedded digits model is not at {model}"}
+    _quiet_libraries()
+    pipe = load_pipeline(str(model))
+    classifier = load_digits_classifier()
+    seeds = [prompt_seed(s, pipe, classifier, args) for s in range(args.seeds)]
+    keys = ("UA", "RA", "UA_before", "seconds")
+    summary = {"random": {k: mean_std([s["random"][k] for s in seeds]) for k in keys}}
+    for loss in args.prompt_losses:
+        runs = [s["variants"][loss] for s in seeds]
+        summary[loss] = {k: mean_std([r[k] for r in runs]) for k in keys}
+        summary[loss]["search_seconds"] = mean_std([r["search_seconds"] for r in runs])
+        summary[loss]["search_cost_vs_unlearning"] = mean_std([r["search_cost_vs_unlearning"] for r in runs])
+        summary[loss]["lower_UA_in_seeds"] = sum(r["UA"] < s["random"]["UA"] for r, s in zip(runs, seeds))
+    return {"model": str(model), "per_seed": seeds, "summary": summary}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt(stat: dict[str, float], digits: int = 2) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    n = len(result["seeds"])
+    lines = [
+        f"# Worst-case vs random forget sets, {n} seeds",
+        "",
+        "Bi-level search of erase/worst_case.py (Fan et al., ECCV 2024): "
+        f"{result['outer_steps']} upper steps, lower level 20 sign-SGD steps (lr 1e-3, batch 64) of the method, "
+        "normalised upper step (w_lr 0.1), started at the random set. Mean ± std over seeds.",
+        "",
+        f"## Data-wise, digits, {result['fraction']:.0%} forget",
+        "",
+        "Each method unlearns with the toolkit defaults (erase.classifier.DEFAULT_LR, "
+        f"{result['epochs']} epochs) on the random set and on the worst-case set searched for it. "
+        "Gap = mean |metric - Retrain on the same set| over UA, RA, TA, MIA. Forget CE = cross-entropy "
+        "of the forget set after unlearning (lower = still fitted).",
+    ]
+    if "skipped" in result["data"]:
+        lines.append(f"Not run: {result['data']['skipped']}.")
+    else:
+        lines += [
+            "",
+            "| method | set | UA | RA | TA | MIA | Retrain UA | gap | forget CE before → after "
+            "| harder in seeds (UA@RA / gap / CE) | search (s) | search / unlearning |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    for variant, row in result["data"].get("summary", {}).items():
+        for name in ("random", "worst"):
+            s = row[name]
+            ce = f"{s['forget_ce_before']['mean']:.5f} → {fmt(s['forget_ce'], 4)}"
+            cells = [fmt(s[k]) for k in METRICS] + [fmt(s["retrain_UA"]), fmt(s["gap"]), ce]
+            h = row["harder_in_seeds"]
+            extra = (f"{h['lower_UA_at_equal_RA']}/{n} / {h['larger_gap']}/{n} / {h['lower_forget_ce']}/{n}",
+                     fmt(row["search_seconds"], 1), fmt(row["search_cost_vs_unlearning"], 1)) if name == "worst" else ("", "", "")
+            lines.append(f"| {variant} | {name} | " + " | ".join(cells) + " | " + " | ".join(extra) + " |")
+    for variant, row in result["data"].get("summary", {}).items():
+        if row["random"]["UA"]["mean"] == 0 and row["worst"]["UA"]["mean"] == 0:
+            lines += ["", f"{variant}: UA is 0 on both sets in every seed (the method forgets nothing even on the random "
+                      "set), so UA cannot separate them; Retrain's own UA drops to 0 on the worst-case set, which shrinks "
+                      "the gap. The forget CE shows how firmly each set stays fitted."]
+    if "summary" in result["data"]:
+        lines += ["", "Overlap of the worst-case set with its random start: "
+                  + ", ".join(f"{v} {fmt(r['overlap_with_random'])}" for v, r in result["data"]["summary"].items()) + "."]
+    lines += ["", "## Prompt-wise, embedded digits model", ""]
+    prompt = result["prompt"]
+    if "skipped" in prompt:
+        lines.append(f"Not run: {prompt['skipped']}.")
+    else:
+        s = prompt["summary"]
+        lines += [
+            f"Model: {prompt['model']}. {result['prompt_size']} of the 40 template prompts. Search: SalUn lower level "
+            f"({result['prompt_inner_steps']} Adam steps, lr 1e-4, batch 16, {result['images_per_prompt']} images per prompt), "
+            f"{result['prompt_outer_steps']} upper steps, started at the random set; upper loss `denoising` = the paper's "
+            "(each prompt's denoising MSE on its own images), `contrast` = that minus the same MSE under the anchor prompt. "
+            f"Evaluated erasure, the same for every set: SalUn (objectives.salun_loss, mask ratio {result['mask_ratio']}, "
+            f"Adam lr {result['prompt_lr']}, {result['prompt_steps']} steps, batch 8 + 8, beta {result['beta']}). "
+            f"UA = % of {result['eval_images']} images per forget prompt NOT read as its digit in its colour by the held-out "
+            "classifier (higher = erased); RA = % of the other prompts' images read correctly.",
+            "",
+            "| set | UA before | UA after | RA after | erase (s) | worst UA < random UA | search (s) | search / erasure |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, row in s.items():
+            extra = ("", "", "") if name == "random" else (
+                f"{row['lower_UA_in_seeds']}/{n}", fmt(row["search_seconds"], 1), fmt(row["search_cost_vs_unlearning"], 1))
+            label = "random" if name == "random" else f"worst ({name})"
+            lines.append(f"| {label} | {fmt(row['UA_before'], 1)} | {fmt(row['UA'], 1)} | {fmt(row['RA'], 1)} | "
+                         f"{fmt(row['seconds'], 1)} | " + " | ".join(extra) + " |")
+        lines.append("")
+        for seed in prompt["per_seed"]:
+            sets = "; ".join(f"{k}: {v['prompts']}" for k, v in seed["variants"].items())
+            lines.append(f"- seed {seed['seed']}: random {seed['random']['prompts']}; {sets}")
+    lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=10, help="unlearning epochs of the evaluated methods")
+    parser.add_argument("--outer-steps", type=int, default=20)
+    parser.add_argument("--variants", nargs="+", default=["ft", "rl", "salun", "rl:unrolled"], help="METHOD[:HYPERGRADIENT]")
+    parser.add_argument("--prompt-size", type=int, default=4)
+    parser.add_argument("--prompt-outer-steps", type=int, default=15)
+    parser.add_argument("--prompt-inner-steps", type=int, default=10)
+    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--prompt-losses", nargs="+", default=["denoising", "contrast"])
+    parser.add_argument("--prompt-steps", type=int, default=50, help="SalUn steps of the evaluated erasure")
+    parser.add_argument("--prompt-lr", type=float, default=1e-4)
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--mask-ratio", type=float, default=0.5)
+    parser.add_argument("--eval-images", type=int, default=8, help="images per forget prompt when scoring")
+    parser.add_argument("--model", default=None, help="digits pipeline folder (default: erase/assets/digits-sd)")
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "erase"))
+    parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--skip-prompt", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="bench/results/worst_case.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    data = {"skipped": "--skip-data"}
+    if not args.skip_data:
+        seeds = [data_seed(s, args) for s in range(args.seeds)]
+        data = {"per_seed": seeds, "summary": summarise_data(seeds, args.variants)}
+    prompt = {"skipped": "--skip-prompt"} if args.skip_prompt else prompt_part(args)
+    result = {
+        "seeds": list(range(args.seeds)), "fraction": args.fraction, "epochs": args.epochs, "outer_steps": args.outer_steps,
+        "prompt_size": args.prompt_size, "prompt_steps": args.prompt_steps, "prompt_lr": args.prompt_lr, "beta": args.beta,
+        "mask_ratio": args.mask_ratio, "eval_images": args.eval_images, "prompt_outer_steps": args.prompt_outer_steps,
+        "prompt_inner_steps": args.prompt_inner_steps, "images_per_prompt": args.images_per_prompt,
+        "data": data, "prompt": prompt, "wall_seconds": time.perf_counter() - start,
+        "machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
+    }
+    write_json(result, args.out)
+    Path(args.out).with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
