@@ -17,7 +17,11 @@ The classifier never sees an image the generator was trained on, so it judges wh
 generator learned rather than what it memorised.
 
 ``python -m erase.digits --train --output-dir DIR`` rebuilds the pipeline from scratch;
-``--train-classifier --classifier-out FILE`` rebuilds the classifier.
+``--train-classifier --classifier-out FILE`` rebuilds the classifier. Weights, data order,
+noise and prompt choice all come from the seed, so a rebuild is bit-identical for the same
+seed, library versions and torch thread count; CPU kernels split their sums by thread, so a
+different thread count gives a model that differs in its weights but not in its quality.
+The thread count is recorded in ``digits_training.json``.
 """
 
 from __future__ import annotations
@@ -44,17 +48,24 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CLASSIFIER_PATH",
     "COLOURS",
+    "COLOUR_PARAPHRASES",
     "DEFAULT_GUIDANCE",
     "DEFAULT_STEPS",
+    "DIGIT_PARAPHRASES",
     "DIGIT_WORDS",
-    "DigitsClassifier",
-    "DigitsTrainingOptions",
-    "ClassifierTrainingOptions",
+    "FULL_PARAPHRASES",
+    "MODEL_DIR",
     "PROMPT_TEMPLATE",
     "RESOLUTION",
+    "ClassifierTrainingOptions",
+    "DigitsClassifier",
+    "DigitsTrainingOptions",
     "build_tokenizer",
     "classify_images",
+    "coloured_split",
+    "is_digits_model",
     "load_digits_classifier",
     "load_split",
     "paraphrases_for",
@@ -64,6 +75,8 @@ __all__ = [
     "train_classifier",
     "train_pipeline",
     "training_prompts",
+    "unknown_tokens",
+    "vocabulary_words",
 ]
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -232,7 +245,8 @@ class DigitsTrainingOptions:
     ema_decay: float = field(default=0.999, metadata={"help": "EMA of the UNet weights; the EMA is saved"})
     p_paraphrase: float = field(default=0.3, metadata={"help": "probability of a paraphrase instead of the template"})
     p_empty: float = field(default=0.1, metadata={"help": "probability of the empty prompt (classifier-free guidance)"})
-    limit_images: int | None = field(default=None, metadata={"help": "train on a seeded subset of N images (smoke tests)"})
+    limit_images: int | None = field(default=None,
+                                     metadata={"help": "train on a seeded subset of N images (smoke tests)"})
 
     def __post_init__(self) -> None:
         if min(self.vae_steps, self.max_train_steps) < 1 or self.train_batch_size < 1:
@@ -466,15 +480,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ERASE_CACHE_DIR", Path.home() / ".cache" / "erase"))
 
 
+def is_digits_model(name_or_path: str, _depth: int = 0) -> bool:
+    """The embedded model, or a folder erased from it (erase/train.py's erase_config.json says so)."""
+    if name_or_path == MODEL_NAME:
+        return True
+    folder = Path(name_or_path)
+    if (folder / "digits_training.json").is_file():
+        return True
+    try:
+        record = json.loads((folder / "erase_config.json").read_text())
+        source = record["config"]["pretrained_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(source, str) and _depth < 8 and is_digits_model(source, _depth + 1)
+
+
 def resolve_model(name_or_path: str) -> str:
-    """"digits" -> the folder of the embedded pipeline (trained on first use if missing); else unchanged."""
+    """Map "digits" to the embedded pipeline's folder (trained on first use if missing); pass others through."""
     if name_or_path != MODEL_NAME:
         return name_or_path
     for folder in (MODEL_DIR, cache_dir() / "digits-sd"):
         if (folder / "model_index.json").is_file():
             return str(folder)
     folder = cache_dir() / "digits-sd"
-    logger.warning("no trained digits model found: training it now into %s (about 12 minutes on 2 CPU cores)",
+    logger.warning("no trained digits model found: training it now into %s (about 10 minutes on 2 CPU cores)",
                    folder)
     return str(train_pipeline(DigitsTrainingOptions(output_dir=str(folder))))
 
@@ -578,7 +607,9 @@ def save_classifier(model: DigitsClassifier, path: Path, record: dict | None = N
     os.replace(tmp, path)
 
 
-def load_digits_classifier(device: str | torch.device | None = None, path: str | Path | None = None) -> DigitsClassifier:
+def load_digits_classifier(
+    device: str | torch.device | None = None, path: str | Path | None = None
+) -> DigitsClassifier:
     """The held-out digits classifier in eval mode (trained into the cache on first use if missing)."""
     from safetensors import safe_open
     from safetensors.torch import load_file

@@ -14,35 +14,20 @@ main process writes the report (atomically: a failed run leaves no output behind
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
+
+from erase.digits import is_digits_model
 
 logger = logging.getLogger("eval")
 
 SD_STEPS, SD_GUIDANCE = 50, 7.5  # defaults for Stable Diffusion models (the diffusers defaults)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def is_digits_model(name_or_path: str, _depth: int = 0) -> bool:
-    """The embedded model, or a folder erased from it (erase/train.py's erase_config.json says so)."""
-    if name_or_path == "digits":
-        return True
-    folder = Path(name_or_path)
-    if (folder / "digits_training.json").is_file():
-        return True
-    try:
-        record = json.loads((folder / "erase_config.json").read_text())
-        source = record["config"]["pretrained_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return isinstance(source, str) and _depth < 8 and is_digits_model(source, _depth + 1)
 
 
 def sampler_defaults(model: str, steps: int | None, guidance: float | None) -> tuple[int, float]:

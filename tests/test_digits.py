@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from erase import digits
 from erase.digits import (
@@ -119,7 +120,6 @@ def test_smoke_training_is_deterministic_and_loadable(tmp_path):
         return train_pipeline(opts)
 
     first, second = train("a"), train("b")
-    from safetensors.torch import load_file
 
     a = load_file(first / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(second / "unet" / "diffusion_pytorch_model.safetensors")
@@ -176,12 +176,38 @@ def test_resolve_model():
     assert resolve_model("/some/local/path") == "/some/local/path"
 
 
+def test_resolve_model_trains_on_first_use_when_assets_are_missing(tmp_path, monkeypatch, caplog):
+    calls = []
+
+    def fake_train(opts):
+        calls.append(opts)
+        (Path(opts.output_dir)).mkdir(parents=True)
+        (Path(opts.output_dir) / "model_index.json").write_text("{}")
+        return Path(opts.output_dir)
+
+    monkeypatch.setattr(digits, "MODEL_DIR", tmp_path / "missing")
+    monkeypatch.setattr(digits, "train_pipeline", fake_train)
+    monkeypatch.setenv("ERASE_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING", logger="erase.digits"):
+        first = resolve_model("digits")
+    assert first == str(tmp_path / "cache" / "digits-sd") and len(calls) == 1
+    assert "training it now" in caplog.text
+    assert resolve_model("digits") == first and len(calls) == 1  # cached: not trained again
+
+
 @pytest.mark.slow
 def test_full_training_reaches_quality(tmp_path):
-    """The full recipe from scratch (about 12 minutes on 2 CPU cores), then a quick quality check."""
+    """The full recipe from scratch (about 9 minutes on 2 CPU cores), then a quick quality check.
+
+    With 2 torch threads (the committed build's), the rebuild must equal the committed weights bit for bit."""
     from diffusers import StableDiffusionPipeline
 
     folder = train_pipeline(DigitsTrainingOptions(output_dir=str(tmp_path / "digits-sd")))
+    if torch.get_num_threads() == json.loads((digits.MODEL_DIR / "digits_training.json").read_text())["torch_threads"]:
+        for part in ("unet", "vae", "text_encoder"):
+            new, committed = (load_file(str(f / part / "diffusion_pytorch_model.safetensors")) if part != "text_encoder"
+                              else load_file(str(f / part / "model.safetensors")) for f in (Path(folder), digits.MODEL_DIR))
+            assert new.keys() == committed.keys() and all(torch.equal(new[k], committed[k]) for k in new), part
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     classifier = load_digits_classifier()
