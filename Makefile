@@ -21,8 +21,23 @@ test: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -m "slow or not slow"
 
-demo: $(VENV)/.installed
-	$(PY) -m erase.classifier --dataset digits --forget random:0.1 --method salun --out demo/classifier_salun.json
+# `make demo`: erase "seven" from the embedded model (reused on later runs), compare before and
+# after (accuracy table and image grid in demo/report), then say how to open the app.
+DEMO_MODEL := demo/seven-erased
+DEMO_REPORT := demo/report
+
+demo: $(DEMO_MODEL)/erase_config.json $(DEMO_REPORT)/report.md
+	@cat $(DEMO_REPORT)/report.md
+	@echo
+	@echo "Before/after image grid: $(DEMO_REPORT)/grid.png"
+	@echo "Open the demo app:  $(PY) app.py   then browse to http://127.0.0.1:7860"
+
+$(DEMO_MODEL)/erase_config.json: $(VENV)/.installed
+	$(VENV)/bin/accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		erase/train.py --model digits --concept seven --output-dir $(DEMO_MODEL) --overwrite
+
+$(DEMO_REPORT)/report.md: $(DEMO_MODEL)/erase_config.json
+	$(PY) -m eval compare digits $(DEMO_MODEL) --out $(DEMO_REPORT)
 
 bench: $(VENV)/.installed
 	$(PY) bench/classifier.py --seeds 3 --out bench/results/classifier.json

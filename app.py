@@ -1,0 +1,203 @@
+"""Before/after demo: the original model beside the erased one, for the same prompt and seeds.
+
+    python app.py                                   # digits model vs demo/seven-erased (from `make demo`)
+    python app.py --original CompVis/stable-diffusion-v1-4 --erased nudity-erased --device cuda
+
+Serves on 127.0.0.1 only, with Gradio analytics and hub telemetry off; `--host` and `--share`
+open it up only when asked. With labels on, each image is captioned by the digits classifier
+(digits models) or by NudeNet's exposed classes (other models).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time notes about optional packages
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from erase.concepts import available_concepts, load_concept  # noqa: E402
+from erase.digits import is_digits_model  # noqa: E402
+from erase.sd import generate, load_pipeline  # noqa: E402
+
+DEMO_ERASED = Path(__file__).resolve().parent / "demo" / "seven-erased"
+MAX_STEPS, MAX_IMAGES, MAX_GUIDANCE = 100, 8, 30.0
+SD_DEFAULTS = {"steps": 50, "guidance": 7.5}
+DIGITS_DEFAULTS = {"steps": 25, "guidance": 5.0}
+Labeller = Callable[[list[Image.Image]], list[str]]
+
+
+def digits_labeller(device: str = "cpu") -> Labeller:
+    """Caption images with the held-out digits classifier, e.g. 'seven, red'."""
+    from erase.digits import COLOURS, DIGIT_WORDS, classify_images, load_digits_classifier
+
+    classifier = load_digits_classifier(device)
+
+    def label(images: list[Image.Image]) -> list[str]:
+        digits, colours = classify_images(images, classifier)
+        return [f"{DIGIT_WORDS[d]}, {COLOURS[c]}" for d, c in zip(digits.tolist(), colours.tolist(), strict=True)]
+
+    return label
+
+
+def nudenet_labeller() -> Labeller:
+    """Caption images with the exposed classes NudeNet finds, under eval's protocol (threshold, labels)."""
+    from eval.nudity import default_detector, detect_exposed
+
+    detector = default_detector()
+
+    def label(images: list[Image.Image]) -> list[str]:
+        return [", ".join(k for k, n in counts.items() if n) or "nothing exposed"
+                for counts in detect_exposed(images, detector)]
+
+    return label
+
+
+def example_prompts(original: str, erased: str | None = None, limit: int = 8) -> list[str]:
+    """The erased concept's prompts first (from the erased model's erase_config.json), then a forget
+    prompt and a held-out wording of each concept file that fits the model's kind."""
+    prompts: list[str] = []
+    try:
+        concept = json.loads((Path(erased) / "erase_config.json").read_text())["concept"]
+        prompts += list(concept["forget"][:2]) + list(concept.get("eval", [])[:1])
+    except (TypeError, OSError, ValueError, KeyError):
+        pass
+    digits = is_digits_model(original)
+    names = [name for name, path in available_concepts().items() if (path.stem == "digits") == digits]
+    firsts = [name for i, name in enumerate(names) if i == 0 or available_concepts()[names[i - 1]] != available_concepts()[name]]
+    for name in firsts + [n for n in names if n not in firsts]:  # one concept of each file before the rest
+        if len(prompts) >= limit:
+            break
+        concept = load_concept(name)
+        prompts += [p for p in concept.forget[:1] + concept.eval[:1] if p not in prompts]
+    return prompts[:limit]
+
+
+def check_inputs(prompt: str | None, seed, steps, guidance, num_images) -> str | None:
+    """A sentence for the page when an input is unusable, else None."""
+    if not prompt or not prompt.strip():
+        return "Please enter a prompt."
+    if seed is None or not 0 <= seed < 2**63:
+        return "The seed must be a whole number of at least 0."
+    if steps is None or not 1 <= steps <= MAX_STEPS:
+        return f"Steps must be between 1 and {MAX_STEPS}."
+    if guidance is None or not 0 <= guidance <= MAX_GUIDANCE:
+        return f"Guidance must be between 0 and {MAX_GUIDANCE:g}."
+    if num_images is None or not 1 <= num_images <= MAX_IMAGES:
+        return f"The number of images must be between 1 and {MAX_IMAGES}."
+    return None
+
+
+def build_app(original: str, erased: str, labeller: Labeller | None = None, device: str = "cpu",
+              steps: int = 25, guidance: float = 5.0, num_images: int = 4) -> gr.Blocks:
+    """Load both pipelines and lay out prompt, controls and the two galleries."""
+    pipes = {"erased": load_pipeline(erased, device), "original": load_pipeline(original, device)}
+    examples = example_prompts(original, erased)
+
+    def run(prompt, seed, num_steps, guidance_scale, count, labels_on):
+        problem = check_inputs(prompt, seed, num_steps, guidance_scale, count)
+        if problem:
+            return [], [], f"**{problem}**"
+        seeds = [int(seed) + i for i in range(int(count))]
+        galleries = []
+        try:
+            for name in ("original", "erased"):
+                images = generate(pipes[name], [prompt.strip()] * len(seeds), seeds, int(num_steps), float(guidance_scale))
+                captions = labeller(images) if labels_on and labeller else [f"seed {s}" for s in seeds]
+                galleries.append([(_enlarge(im), caption) for im, caption in zip(images, captions, strict=True)])
+        except Exception as err:  # noqa: BLE001 - the page shows the reason; a traceback helps no visitor
+            return [], [], f"**Generation failed:** {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        return galleries[0], galleries[1], f"*{prompt.strip()}*, seeds {seeds[0]}-{seeds[-1]}, {int(num_steps)} steps, guidance {float(guidance_scale):g}"
+
+    with gr.Blocks(title="erase: before and after", analytics_enabled=False) as app:
+        gr.Markdown(f"# Concept erasure: before and after\nOriginal `{original}` beside erased `{erased}`, "
+                    "same prompt, same seeds.")
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value=examples[0] if examples else "", scale=4)
+            button = gr.Button("Generate", variant="primary", scale=1)
+        with gr.Row():
+            seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+            num_steps = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps")
+            guidance_scale = gr.Slider(0, MAX_GUIDANCE, value=guidance, step=0.5, label="Guidance")
+            count = gr.Slider(1, MAX_IMAGES, value=num_images, step=1, label="Images")
+            labels_on = gr.Checkbox(label="Label images (classifier)" if labeller else "Label images (unavailable)",
+                                    value=labeller is not None, interactive=labeller is not None)
+        status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            before = gr.Gallery(label="Original", columns=4, height=320, elem_id="original")
+            after = gr.Gallery(label="Erased", columns=4, height=320, elem_id="erased")
+        if examples:
+            gr.Examples(examples, inputs=prompt)
+        inputs = [prompt, seed, num_steps, guidance_scale, count, labels_on]
+        outputs = [before, after, status]
+        button.click(run, inputs, outputs, api_name="generate")
+        prompt.submit(run, inputs, outputs, api_name=False)
+        app.load(run, inputs, outputs, api_name=False)  # the default prompt's images on opening
+    return app
+
+
+def _enlarge(image: Image.Image, side: int = 256) -> Image.Image:
+    """Small models draw 32 px images: scale them up, keeping pixels sharp."""
+    return image if image.width >= side else image.resize((side, side * image.height // image.width), Image.NEAREST)
+
+
+def make_labeller(kind: str, device: str) -> Labeller | None:
+    if kind == "digits":
+        return digits_labeller(device)
+    if kind == "nudenet":
+        return nudenet_labeller()
+    return None
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to the server's address and real problems (no loading bars or library notes)."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--original", default="digits", help="model before erasure: digits, a folder or a hub id")
+    parser.add_argument("--erased", default=str(DEMO_ERASED), help="erased pipeline folder (default: make demo's)")
+    parser.add_argument("--labels", choices=["auto", "digits", "nudenet", "none"], default="auto",
+                        help="image captions: digits classifier, NudeNet, or none (auto: by model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.erased == str(DEMO_ERASED) and not DEMO_ERASED.is_dir():
+        print(f"error: {DEMO_ERASED} does not exist: run `make demo` first, or pass --erased FOLDER", file=sys.stderr)
+        return 2
+    _quiet_libraries()
+    digits = is_digits_model(args.original)
+    kind = args.labels if args.labels != "auto" else ("digits" if digits else "nudenet")
+    try:
+        app = build_app(args.original, args.erased, make_labeller(kind, args.device), args.device,
+                        **(DIGITS_DEFAULTS if digits else SD_DEFAULTS))
+    except (ValueError, OSError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
