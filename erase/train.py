@@ -25,16 +25,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
+# Why here: transformers prints notes about optional packages (torchvision) while diffusers
+# imports it; a command's stderr should hold progress bars and our own one-line errors.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from erase.concepts import Concept, custom_concept, load_concept
-from erase.objectives import ESD_TARGETS, esd_loss, noise_target, salun_loss, saliency_loss
-from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, mask_fraction, save_mask, select_parameters
-from erase.sd import encode_images, encode_prompts, image_set, load_pipeline
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from erase.concepts import Concept, custom_concept, load_concept  # noqa: E402
+from erase.objectives import ESD_TARGETS, esd_loss, noise_target, salun_loss, saliency_loss  # noqa: E402
+from erase.saliency import (  # noqa: E402
+    MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, mask_fraction, save_mask, select_parameters,
+)
+from erase.sd import encode_images, encode_prompts, image_set, load_pipeline  # noqa: E402
 
 logger = get_logger(__name__)
 

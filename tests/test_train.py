@@ -188,6 +188,11 @@ def test_bad_input_one_line_nonzero_no_output(extra: list[str], message: str, ti
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
+def test_bad_input_from_the_command_line_prints_exactly_one_line(tiny_sd_path: Path, tmp_path: Path) -> None:
+    proc = run_train(["--concept", "unicorns", *small_run(tiny_sd_path, tmp_path / "out", tmp_path / "cache")])
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown concept") and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_existing_output_dir_and_foreign_mask_are_refused(erased_nudity: Path, tiny_sd_path: Path, tmp_path: Path) -> None:
     keep = sorted(p.name for p in erased_nudity.iterdir())
     proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, erased_nudity, tmp_path / "cache")])
