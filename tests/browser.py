@@ -36,6 +36,7 @@ class Browser:
         os.close(to_browser)
         os.close(from_browser)
         self._buffer, self._next_id, self._session = b"", 0, None
+        self.requests: list[str] = []  # every URL the page asked for (Network.requestWillBeSent)
 
     def call(self, method: str, **params):
         self._next_id += 1
@@ -51,14 +52,18 @@ class Browser:
                 self._buffer += chunk
             raw, self._buffer = self._buffer.split(b"\0", 1)
             reply = json.loads(raw)
+            if reply.get("method") == "Network.requestWillBeSent":
+                self.requests.append(reply["params"]["request"]["url"])
             if reply.get("id") == self._next_id:
                 if "error" in reply:
                     raise RuntimeError(f"{method}: {reply['error']}")
                 return reply.get("result", {})
 
     def open(self, url: str) -> None:
-        target = self.call("Target.createTarget", url=url)["targetId"]
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self._session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Network.enable")
+        self.call("Page.navigate", url=url)
 
     def evaluate(self, expression: str):
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")

@@ -158,9 +158,12 @@ def test_headless_chromium_renders_both_panels(erased_seven: Path, tmp_path: Pat
             boxes = browser.evaluate("['original', 'erased'].map(id => { const r = document.getElementById(id)"
                                      ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })")
             png = browser.screenshot()
+            requests = browser.requests
     finally:
         server.terminate()
         server.wait(timeout=30)
+    outside = [u for u in requests if not u.startswith((f"http://127.0.0.1:{port}/", "data:", "blob:"))]
+    assert requests and not outside, f"the page made outbound requests: {outside[:5]}"
     (tmp_path / "page.png").write_bytes(png)
     page = np.asarray(Image.open(tmp_path / "page.png").convert("RGB")).astype(np.int32)
     for name, (x, y, w, h) in zip(("original", "erased"), boxes):
