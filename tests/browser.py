@@ -24,9 +24,12 @@ class Browser:
         self._read, from_browser = os.pipe()
         self._profile = tempfile.TemporaryDirectory()
 
-        def wire_fds() -> None:  # in the child: our pipe ends become its fds 3 and 4
-            os.dup2(to_browser, 3)
-            os.dup2(from_browser, 4)
+        def wire_fds() -> None:  # in the child: our pipe ends become its fds 3 and 4, open across exec
+            high_in, high_out = os.dup(to_browser), os.dup(from_browser)  # out of the way of 3 and 4
+            os.dup2(high_in, 3)
+            os.dup2(high_out, 4)
+            os.set_inheritable(3, True)  # dup2 onto itself keeps close-on-exec
+            os.set_inheritable(4, True)
 
         self.process = subprocess.Popen(
             [executable, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
