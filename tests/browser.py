@@ -6,6 +6,7 @@ With --remote-debugging-pipe, Chromium reads NUL-terminated JSON commands on fd 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import shutil
@@ -24,20 +25,17 @@ class Browser:
         self._read, from_browser = os.pipe()
         self._profile = tempfile.TemporaryDirectory()
 
-        def wire_fds() -> None:  # in the child: our pipe ends become its fds 3 and 4, open across exec
-            high_in, high_out = os.dup(to_browser), os.dup(from_browser)  # out of the way of 3 and 4
-            os.dup2(high_in, 3)
-            os.dup2(high_out, 4)
-            os.set_inheritable(3, True)  # dup2 onto itself keeps close-on-exec
-            os.set_inheritable(4, True)
-
+        # bash moves our pipe ends (first put at fds >= 10, clear of 3 and 4) to fds 3 and 4 and
+        # execs Chromium: no preexec_fn, which is unsafe with threads (the tests' Gradio server).
+        child_in, child_out = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_browser, from_browser))
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+                "--remote-debugging-pipe", f"--user-data-dir={self._profile.name}", f"--window-size={width},{height}",
+                "about:blank"]
         self.process = subprocess.Popen(
-            [executable, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-             "--remote-debugging-pipe", f"--user-data-dir={self._profile.name}", f"--window-size={width},{height}",
-             "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=wire_fds, close_fds=False)
-        os.close(to_browser)
-        os.close(from_browser)
+            ["bash", "-c", f'exec "$0" "$@" 3<&{child_in} 4>&{child_out} {child_in}<&- {child_out}>&-', executable, *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(child_in, child_out))
+        for fd in (to_browser, from_browser, child_in, child_out):
+            os.close(fd)
         self._buffer, self._next_id, self._session = b"", 0, None
         self.requests: list[str] = []  # every URL the page asked for (Network.requestWillBeSent)
 
