@@ -72,9 +72,9 @@ def example_prompts(original: str, erased: str | None = None, limit: int = 8) ->
     except (TypeError, OSError, ValueError, KeyError):
         pass
     digits = is_digits_model(original)
-    names = [name for name, path in available_concepts().items() if (path.stem == "digits") == digits]
-    firsts = [name for i, name in enumerate(names) if i == 0 or available_concepts()[names[i - 1]] != available_concepts()[name]]
-    for name in firsts + [n for n in names if n not in firsts]:  # one concept of each file before the rest
+    files = {name: path for name, path in available_concepts().items() if (path.stem == "digits") == digits}
+    firsts = list({path: name for name, path in reversed(files.items())}.values())  # each file's first concept
+    for name in firsts + [n for n in files if n not in firsts]:
         if len(prompts) >= limit:
             break
         concept = load_concept(name)
