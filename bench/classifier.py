@@ -12,14 +12,13 @@ scenario, class-wise forgetting (`class:3`), runs beside it by default.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
-from pathlib import Path
-
 import torch
 
-from erase.classifier import UnlearnConfig, evaluate, load_dataset, parse_forget, train_original, unlearn, write_json
+from erase.classifier import UnlearnConfig, evaluate, load_dataset, parse_forget, train_original, unlearn
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 METRICS = ("UA", "RA", "TA", "MIA")
 METHODS = ("ft", "ga", "rl", "l1-sparse", "salun")
@@ -136,10 +135,9 @@ def main() -> None:
         "lr_grid": LR_GRID,
         "scenarios": scenarios,
         "wall_seconds": time.perf_counter() - start,
-        "machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
+        "machine": machine(args.threads),
     }
-    write_json(result, args.out)
-    Path(args.out).with_suffix(".md").write_text(markdown(result))
+    save_results(result, args.out, markdown(result))
     print(markdown(result))
 
 

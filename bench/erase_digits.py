@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from erase.classifier import write_json
 from erase.concepts import load_concept
 from erase.digits import COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, classify_images, load_digits_classifier, prompt_for
 from erase.sd import generate, load_pipeline
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("salun", "rl", "esd-x", "esd-u")
@@ -137,10 +137,9 @@ def main() -> None:
             "recipe": {c: load_concept(c).train for c in args.concepts},
             "rows": rows,
             "wall_seconds": time.perf_counter() - start,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "machine": machine(),
         }
-        write_json(result, args.out)
-        Path(args.out).with_suffix(".md").write_text(markdown(result))
+        save_results(result, args.out, markdown(result))
 
     with tempfile.TemporaryDirectory() as tmp:
         for concept in args.concepts:

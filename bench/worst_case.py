@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,8 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from erase.classifier import UnlearnConfig, evaluate, load_dataset, parse_forget, train_original, unlearn, write_json
+from erase.classifier import UnlearnConfig, evaluate, load_dataset, parse_forget, train_original, unlearn
 from erase.worst_case import WorstCaseConfig, build_prompt_problem, classifier_problem, digits_candidates, random_start, resolve_size, search
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 METRICS = ("UA", "RA", "TA", "MIA")
 DATA_METHODS = ("ft", "rl", "salun")
@@ -364,10 +365,9 @@ def main() -> None:
         "mask_ratio": args.mask_ratio, "eval_images": args.eval_images, "prompt_outer_steps": args.prompt_outer_steps,
         "prompt_inner_steps": args.prompt_inner_steps, "images_per_prompt": args.images_per_prompt,
         "data": data, "prompt": prompt, "wall_seconds": time.perf_counter() - start,
-        "machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
+        "machine": machine(args.threads),
     }
-    write_json(result, args.out)
-    Path(args.out).with_suffix(".md").write_text(markdown(result))
+    save_results(result, args.out, markdown(result))
     print(markdown(result))
 
 

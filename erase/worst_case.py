@@ -255,6 +255,13 @@ class SearchResult:
     seconds: float
 
 
+def _accumulate(total: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """total += grads, skipping parameters the loss does not reach (None under allow_unused)."""
+    for t, g in zip(total, grads, strict=True):
+        if g is not None:
+            t.add_(g)
+
+
 @torch.no_grad()
 def _shift(params: Sequence[nn.Parameter], direction: Sequence[torch.Tensor], alpha: float) -> None:
     for p, d in zip(params, direction):
@@ -432,10 +439,7 @@ class ClassifierProblem:
         total = [torch.zeros_like(p) for p in params]
         for sl in self._chunks():
             ce = F.cross_entropy(model(self.x[sl].to(self.device)), self.y[sl].to(self.device), reduction="none")
-            grads = torch.autograd.grad((sample_w[sl].to(ce) * ce).sum(), params, allow_unused=True)
-            for t, gr in zip(total, grads):
-                if gr is not None:
-                    t.add_(gr)
+            _accumulate(total, torch.autograd.grad((sample_w[sl].to(ce) * ce).sum(), params, allow_unused=True))
         return total
 
     @torch.no_grad()
@@ -618,9 +622,7 @@ class PromptProblem:
         per_image_w = (w / self.counts)[self.data.prompt_of].float() / self.eval_draws  # as in item_losses
         for batch in self.eval_batches:
             loss = (per_image_w[batch["idx"].cpu()].to(self.device) * self._denoising(unet, batch)).sum()
-            for t, gr in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
-                if gr is not None:
-                    t.add_(gr)
+            _accumulate(total, torch.autograd.grad(loss, params, allow_unused=True))
         return total
 
     @torch.no_grad()

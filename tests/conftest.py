@@ -49,3 +49,11 @@ def tiny_sd_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-sd") / "pipeline"
     build_tiny_pipeline().save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn digits with the classifier path's split (seed 0)."""
+    from erase.classifier import load_dataset
+
+    return load_dataset("digits", seed=0)

@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from erase.classifier import (
-    ResNet,
     UnlearnConfig,
     evaluate,
-    load_dataset,
     parse_forget,
     random_wrong_labels,
     saliency_mask,
@@ -20,11 +18,6 @@ from erase.classifier import (
     train_original,
     unlearn,
 )
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from erase.classifier import UnlearnConfig, load_dataset, parse_forget, train_original
+from erase.classifier import UnlearnConfig, parse_forget, train_original
 from erase.worst_case import (
     ClassifierProblem,
     LowerOptions,
@@ -106,11 +106,6 @@ def test_normalised_step_moves_w_where_the_reference_step_does_not() -> None:
     # the reference code's raw step w - w_lr * g (w_lr = 1e-2 there) leaves the top m where it started
     raw = project_capped_simplex(start - 1e-2 * (losses + 2e-4 * start), m)
     assert top_m(raw, m).tolist() == result.start
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", seed=0)
 
 
 @pytest.fixture(scope="module")
