@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -17,10 +16,11 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from erase.classifier import write_json
 from erase.objectives import saliency_loss
 from erase.saliency import compute_saliency_mask, global_topk_mask, mask_fraction, save_mask
 from erase.sd import SD_V1_UNET_CONFIG
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 def rss_gib() -> float:
     with open("/proc/self/statm") as f:
@@ -91,9 +91,8 @@ def main() -> None:
         "mask_file_mb": mask_bytes / 1e6,
         "reference_int64_mask_gb": n_params * 8 / 1e9,
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
     }
-    write_json(result, args.out)
     md = [
         "# Saliency mask on the full-size SD-1.x UNet (CPU)",
         "",
@@ -104,7 +103,7 @@ def main() -> None:
         "",
         f"Machine: {result['machine']}. Peak extra includes activations of one forward/backward pass.",
     ]
-    Path(args.out).with_suffix(".md").write_text("\n".join(md) + "\n")
+    save_results(result, args.out, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -9,21 +9,19 @@ and retain halves, Adam, and the masked update under a 0.5 mask.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from erase.classifier import write_json
 from erase.objectives import salun_loss
 from erase.saliency import MaskedUpdate
 from erase.sd import SD_V1_UNET_CONFIG
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 
 def make_batch(b: int, s: int, device: str) -> tuple[dict, dict]:
@@ -105,9 +103,8 @@ def main() -> None:
         "flops_per_step": flops.get_total_flops(),
         "tflops_per_s": flops.get_total_flops() / seconds / 1e12,
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
     }
-    write_json(result, args.out)
     md = [
         "# SalUn step on the full-size SD-1.x UNet",
         "",
@@ -119,7 +116,7 @@ def main() -> None:
         "One step: teacher forward for c' (no grad), forward+backward over forget and retain, Adam, masked update.",
         "FLOPs counted by torch.utils.flop_counter; CPU memory is peak RSS, GPU memory is max allocated.",
     ]
-    Path(args.out).with_suffix(".md").write_text("\n".join(md) + "\n")
+    save_results(result, args.out, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ METHODS = ("retrain", "ft", "ga", "rl", "l1-sparse", "salun")
 DATASETS = ("digits", "cifar10")
 # learning rates chosen by bench/classifier.py's search on a held-out seed (digits, random:0.1)
 DEFAULT_LR = {"retrain": 0.05, "ft": 0.05, "ga": 0.001, "rl": 0.01, "l1-sparse": 0.05, "salun": 0.01}
+NOISE_SEED_OFFSET = 1000  # label-noise draws must not reuse the forget set's random stream
 
 
 # ----------------------------------------------------------------------------- data
@@ -47,10 +48,15 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    # training samples whose label `with_label_noise` flipped (they are trained and scored on the flipped label)
+    mislabeled: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
 
-def load_dataset(name: str, seed: int = 0) -> Dataset:
-    """scikit-learn digits (offline, 8x8 grey, 80/20 stratified split) or CIFAR-10 (hub)."""
+def load_dataset(name: str, seed: int = 0, label_noise: float = 0.0) -> Dataset:
+    """scikit-learn digits (offline, 8x8 grey, 80/20 stratified split) or CIFAR-10 (hub), with
+    `label_noise` of the training labels flipped (`with_label_noise`)."""
+    if not 0 <= label_noise < 1:
+        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
     if name == "digits":
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -59,10 +65,26 @@ def load_dataset(name: str, seed: int = 0) -> Dataset:
         x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
         y = torch.tensor(digits.target, dtype=torch.int64)
         tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=digits.target)
-        return Dataset(name, x[tr], y[tr], x[te], y[te], 10)
-    if name == "cifar10":
-        return _load_cifar10()
-    raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+        data = Dataset(name, x[tr], y[tr], x[te], y[te], 10)
+    elif name == "cifar10":
+        data = _load_cifar10()
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return with_label_noise(data, label_noise, seed) if label_noise else data
+
+
+def with_label_noise(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """Symmetric label noise: a random `fraction` of the training labels is replaced by a random
+    other class; the test labels stay true. The original model fits the flipped samples only by
+    memorising them, as a CIFAR-10 ResNet memorises its atypical samples (Feldman and Zhang
+    2020); clean digits has almost none (Retrain forgets about 1% of a random forget set), so
+    this is the digits regime in which fine-tuning can forget anything at all. The draw uses
+    its own generator (seed + NOISE_SEED_OFFSET), independent of `parse_forget`'s."""
+    g = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
+    flipped = torch.randperm(len(data.train_y), generator=g)[: round(fraction * len(data.train_y))].sort().values
+    train_y = data.train_y.clone()
+    train_y[flipped] = random_wrong_labels(train_y[flipped], data.num_classes, seed + NOISE_SEED_OFFSET)
+    return replace(data, name=f"{data.name}+noise{fraction:g}", train_y=train_y, mislabeled=flipped)
 
 
 def _load_cifar10() -> Dataset:
@@ -258,6 +280,7 @@ class UnlearnConfig:
     train_epochs: int = field(default=30, metadata={"help": "epochs of the original model and of Retrain"})
     train_lr: float = field(default=0.05, metadata={"help": "learning rate of the original model"})
     mask_ratio: float = field(default=0.5, metadata={"help": "fraction of weights SalUn may update, in (0, 1]"})
+    label_noise: float = field(default=0.0, metadata={"help": "fraction of training labels flipped to a random other class, in [0, 1)"})
     l1: float = field(default=5e-4, metadata={"help": "initial l1 penalty of l1-sparse"})
     batch_size: int = 64
     seed: int = 0
@@ -272,6 +295,8 @@ class UnlearnConfig:
             self.lr = DEFAULT_LR[self.method]
         if self.lr <= 0 or self.epochs < 1 or self.train_epochs < 1:
             raise ValueError("lr must be > 0 and epochs >= 1")
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
 
 
 def train_original(data: Dataset, cfg: UnlearnConfig, device: str | torch.device = "cpu", keep: torch.Tensor | None = None) -> nn.Module:
@@ -321,7 +346,7 @@ def saliency_mask(model: nn.Module, fx: torch.Tensor, fy: torch.Tensor, ratio: f
 
 def run(cfg: UnlearnConfig, device: str | torch.device = "cpu", original: nn.Module | None = None) -> dict:
     """Train the original model (or reuse `original`), unlearn, and evaluate. Returns the report."""
-    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    data = load_dataset(cfg.dataset, seed=cfg.seed, label_noise=cfg.label_noise)
     forget_idx = parse_forget(cfg.forget, data.train_y, seed=cfg.seed)
     if original is None:
         original = train_original(data, cfg, device)
@@ -331,6 +356,7 @@ def run(cfg: UnlearnConfig, device: str | torch.device = "cpu", original: nn.Mod
     return {
         "config": asdict(cfg),
         "forget_size": len(forget_idx),
+        "forget_mislabeled": int(torch.isin(forget_idx, data.mislabeled).sum()),
         "metrics": evaluate(model, data, forget_idx, device),
         "original_metrics": evaluate(original, data, forget_idx, device),
         "seconds": seconds,

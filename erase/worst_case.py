@@ -50,9 +50,9 @@ Hypergradient (`SearchOptions.hypergradient`):
   forward passes, no Hessian). eta = `unroll_lr`.
 
 The output of `--target data|class` is a JSON list of training indices (an `indices:` file for
-`python -m erase.classifier`; they index the split of `load_dataset(dataset, seed)`, so pass the
-same --seed); of `--target prompt` a JSON list of prompts. `--report` adds w, the search history
-and timings.
+`python -m erase.classifier`; they index the split of `load_dataset(dataset, seed, label_noise)`,
+so pass the same --seed and --label-noise); of `--target prompt` a JSON list of prompts.
+`--report` adds w, the search history and timings.
 
     python -m erase.worst_case --target data --dataset digits --size 0.1 --method rl --out forget.json
     python -m erase.classifier --dataset digits --forget indices:forget.json --method rl --out r.json
@@ -667,6 +667,8 @@ class WorstCaseConfig:
     method: str = field(default="rl", metadata={
         "help": "unlearning method of the lower level: ft, rl, ga, salun (data, class); salun, rl, esd-x, esd-u (prompt)"})
     dataset: str = field(default="digits", metadata={"help": "data/class: digits (offline) or cifar10 (hub)"})
+    label_noise: float = field(default=0.0, metadata={
+        "help": "data/class: fraction of training labels flipped to a random other class, in [0, 1)"})
     model: str = field(default="digits", metadata={"help": "prompt: pipeline folder, hub id, or digits"})
     prompts: str | None = field(default=None, metadata={
         "help": "prompt: JSON file of [prompt, anchor] pairs (default: the 40 digits prompts)"})
@@ -712,6 +714,8 @@ class WorstCaseConfig:
         if self.inner_optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown inner optimizer {self.inner_optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         check_ratio(self.mask_ratio)
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
         positive = {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr, "batch_size": self.batch_size,
                     "train_epochs": self.train_epochs, "train_lr": self.train_lr, "images_per_prompt": self.images_per_prompt,
                     "eval_draws": self.eval_draws}
@@ -755,20 +759,21 @@ def run_classifier(cfg: WorstCaseConfig, device: str | torch.device = "cpu", ori
     """Data- or class-wise search on a freshly trained (or the given) original model."""
     from erase.classifier import UnlearnConfig, load_dataset, train_original
 
-    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    data = load_dataset(cfg.dataset, seed=cfg.seed, label_noise=cfg.label_noise)
     resolve_size(cfg.size, len(data.train_y) if cfg.target == "data" else data.num_classes)  # fail before training
     start = time.perf_counter()
     if original is None:
         original = train_original(data, UnlearnConfig(dataset=cfg.dataset, method="retrain", seed=cfg.seed,
-                                                      train_epochs=cfg.train_epochs, train_lr=cfg.train_lr), device)
+                                                      label_noise=cfg.label_noise, train_epochs=cfg.train_epochs,
+                                                      train_lr=cfg.train_lr), device)
     seconds_original = time.perf_counter() - start
     problem = classifier_problem(cfg, data, original, device)
     m = resolve_size(cfg.size, problem.num_items)
     result = search(problem, m, cfg.search_options(show_progress), random_start(problem.num_items, m, cfg.seed))
     indices = forget_indices(cfg, result.selected, data.train_y)
     return _report(cfg, result, m, problem.num_items, indices=indices, seconds_original=seconds_original,
-                   note=f"indices into the training split of load_dataset({cfg.dataset!r}, seed={cfg.seed}); "
-                        f"use them with the same --seed")
+                   note=f"indices into the training split of load_dataset({cfg.dataset!r}, seed={cfg.seed}, "
+                        f"label_noise={cfg.label_noise}); use them with the same --seed and --label-noise")
 
 
 def load_candidates(path: str | None) -> tuple[list[str], list[str]]:

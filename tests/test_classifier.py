@@ -11,6 +11,7 @@ import torch
 from erase.classifier import (
     UnlearnConfig,
     evaluate,
+    load_dataset,
     parse_forget,
     random_wrong_labels,
     saliency_mask,
@@ -40,6 +41,22 @@ def test_random_wrong_labels_are_always_wrong() -> None:
     y = torch.arange(10).repeat(50)
     wrong = random_wrong_labels(y, 10, seed=0)
     assert (wrong != y).all() and len(set(wrong.tolist())) == 10
+
+
+def test_label_noise_flips_a_seeded_fraction_of_training_labels(digits) -> None:
+    noisy = load_dataset("digits", seed=0, label_noise=0.1)
+    flipped = noisy.mislabeled
+    assert len(flipped) == round(0.1 * len(digits.train_y)) and len(digits.mislabeled) == 0
+    changed = torch.nonzero(noisy.train_y != digits.train_y).flatten()
+    assert torch.equal(changed, flipped)  # every flipped label is wrong, nothing else changed
+    assert torch.equal(noisy.test_y, digits.test_y) and torch.equal(noisy.train_x, digits.train_x)
+    assert torch.equal(load_dataset("digits", seed=0, label_noise=0.1).train_y, noisy.train_y)
+    assert not torch.equal(load_dataset("digits", seed=1, label_noise=0.1).mislabeled, flipped)
+    # drawn independently of the random forget set of the same seed (which would be the same 10%)
+    overlap = torch.isin(parse_forget("random:0.1", noisy.train_y, seed=0), flipped).float().mean()
+    assert overlap < 0.3
+    with pytest.raises(ValueError, match="label_noise"):
+        load_dataset("digits", label_noise=1.0)
 
 
 def test_original_model_learns_digits(digits, original) -> None:
@@ -86,6 +103,7 @@ def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         (["--dataset", "mnist"], "unknown dataset 'mnist'"),
         (["--method", "magic"], "unknown method 'magic'"),
         (["--forget", "half"], "cannot parse forget set 'half'"),
+        (["--label-noise", "1"], "label_noise must be in [0, 1)"),
     ],
 )
 def test_cli_bad_input_one_line_and_no_output(args: list[str], message: str, tmp_path: Path) -> None:
@@ -105,6 +123,6 @@ def test_cli_writes_report(tmp_path: Path) -> None:
     proc = run_cli("--method", "salun", "--train-epochs", "2", "--epochs", "1", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["config"]["method"] == "salun" and report["forget_size"] == 144
+    assert report["config"]["method"] == "salun" and report["forget_size"] == 144 and report["forget_mislabeled"] == 0
     assert set(report["metrics"]) == {"UA", "RA", "TA", "MIA"}
     assert "salun: UA" in proc.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from erase.classifier import UnlearnConfig, parse_forget, train_original
+from erase.classifier import UnlearnConfig, load_dataset, parse_forget, train_original
 from erase.worst_case import (
     ClassifierProblem,
     LowerOptions,
@@ -135,6 +135,18 @@ def test_data_search_moves_to_samples_the_unlearned_model_still_fits(digits, ori
     assert hist[-1]["upper_objective"] < hist[0]["upper_objective"]
 
 
+def test_ft_search_on_flipped_labels_leaves_the_mislabeled_samples_out() -> None:
+    """What FT can forget is what only memorisation fits: the worst case for FT avoids it."""
+    torch.set_num_threads(1)
+    noisy = load_dataset("digits", seed=0, label_noise=0.1)
+    cfg = small(method="ft", label_noise=0.1)
+    problem = classifier_problem(cfg, noisy, train_original(noisy, UnlearnConfig(method="retrain", train_epochs=3)))
+    m = resolve_size(cfg.size, problem.num_items)
+    result = search(problem, m, cfg.search_options(show_progress=False), random_start(problem.num_items, m, 0))
+    mislabeled = [int(torch.isin(torch.tensor(s), noisy.mislabeled).sum()) for s in (result.start, result.selected)]
+    assert mislabeled[0] >= 5 and mislabeled[1] <= mislabeled[0] // 3, mislabeled
+
+
 def test_unrolled_implicit_term_matches_autograd() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(12, 1, 2, 2), torch.randint(0, 3, (12,))
@@ -205,6 +217,7 @@ def test_module_entry_point_fails_cleanly(tmp_path) -> None:
         (["--hypergradient", "exact"], "unknown hypergradient"),
         (["--outer-steps", "x"], "invalid int value"),
         (["--inner-lr", "0"], "inner_lr"),
+        (["--label-noise", "-0.1"], "label_noise"),
         (["--target", "prompt", "--prompt-loss", "clip"], "prompt_loss"),
         (["--target", "prompt", "--prompts", "/does/not/exist.json"], "cannot read candidate prompts"),
     ],
