@@ -356,6 +356,25 @@ class LowerOptions:
     seed: int = 0
 
 
+def unlearning_steps(model: nn.Module, params: Sequence[nn.Parameter], mask: dict[str, torch.Tensor] | None,
+                     opts: LowerOptions, terms) -> nn.Module:
+    """The lower level: `opts.steps` steps on L_MU(theta; w) = mean_j [(1 - w_j) retain_j + w_j forget_j],
+    with `terms(g)` giving (retain, forget, w) of one minibatch drawn from `g`; masked if `mask`."""
+    model.train()
+    optimizer = make_optimizer(params, opts.optimizer, opts.lr)
+    update = MaskedUpdate(model, mask).attach(optimizer) if mask is not None else None
+    g = torch.Generator().manual_seed(opts.seed)  # the same batches for every w: less noise in the upper step
+    for _ in range(opts.steps):
+        retain, forget, sw = terms(g)
+        loss = ((1 - sw) * retain + sw * forget).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if update is not None:
+        update.remove()
+    return model.eval()
+
+
 def _per_sample_terms(method: str, logits: torch.Tensor, y: torch.Tensor, y_wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(retain_j, forget_j) of the unlearning method, per sample (see the module docstring)."""
     ce = F.cross_entropy(logits, y, reduction="none")
@@ -405,22 +424,14 @@ class ClassifierProblem:
         model = copy.deepcopy(self.original).to(self.device)
         sample_w = w[self.groups].float()
         mask = self._mask(model, sample_w) if opts.method == "salun" else None
-        model.train()
-        optimizer = make_optimizer(self.trainable(model), opts.optimizer, opts.lr)
-        update = MaskedUpdate(model, mask).attach(optimizer) if mask is not None else None
-        g = torch.Generator().manual_seed(opts.seed)  # the same batches for every w: less noise in the upper step
-        for _ in range(opts.steps):
+
+        def terms(g: torch.Generator):
             idx = torch.randint(0, len(self.y), (opts.batch_size,), generator=g)
             logits = model(self.x[idx].to(self.device))
             retain, forget = _per_sample_terms(opts.method, logits, self.y[idx].to(self.device), self.y_wrong[idx].to(self.device))
-            sw = sample_w[idx].to(logits)
-            loss = ((1 - sw) * retain + sw * forget).mean()  # L_MU(theta; w) on a minibatch
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if update is not None:
-            update.remove()
-        return model.eval()
+            return retain, forget, sample_w[idx].to(logits)
+
+        return unlearning_steps(model, self.trainable(model), mask, opts, terms)
 
     def _scatter_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(self.num_items, dtype=torch.float64).index_add_(0, self.groups, per_sample.double())
@@ -570,22 +581,16 @@ class PromptProblem:
         for n, p in unet.named_parameters():
             p.requires_grad_(n in self.param_names)
         mask = self._mask(unet, w) if opts.method == "salun" else None
-        unet.train()
-        optimizer = make_optimizer(self.trainable(unet), opts.optimizer, opts.lr)
-        update = MaskedUpdate(unet, {n: m for n, m in mask.items() if n in self.param_names}).attach(optimizer) if mask is not None else None
-        g = torch.Generator().manual_seed(opts.seed)
+        if mask is not None:
+            mask = {n: m for n, m in mask.items() if n in self.param_names}
         pw = w.float()
-        for _ in range(opts.steps):
+
+        def terms(g: torch.Generator):
             batch = self._noised(torch.randint(0, len(self.data.latents), (opts.batch_size,), generator=g), g)
             retain, forget, _ = self._terms(unet, batch)
-            sw = pw[self.data.prompt_of[batch["idx"].cpu()]].to(forget)
-            loss = ((1 - sw) * retain + sw * forget).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if update is not None:
-            update.remove()
-        return unet.eval()
+            return retain, forget, pw[self.data.prompt_of[batch["idx"].cpu()]].to(forget)
+
+        return unlearning_steps(unet, self.trainable(unet), mask, opts, terms)
 
     def _per_image(self, unet: nn.Module, fn) -> torch.Tensor:
         """Mean over the eval draws of fn(batch) per image, (N,)."""
