@@ -133,8 +133,8 @@ def build_app(original: str, erased: str, labeller: Labeller | None = None, devi
                                     value=labeller is not None, interactive=labeller is not None)
         status = gr.Markdown(elem_id="status")
         with gr.Row():
-            before = gr.Gallery(label="Original", columns=4, height=320, elem_id="original")
-            after = gr.Gallery(label="Erased", columns=4, height=320, elem_id="erased")
+            before = gr.Gallery(label="Original", columns=4, height="fit-content", elem_id="original")
+            after = gr.Gallery(label="Erased", columns=4, height="fit-content", elem_id="erased")
         if examples:
             gr.Examples(examples, inputs=prompt)
         inputs = [prompt, seed, num_steps, guidance_scale, count, labels_on]
