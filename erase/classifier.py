@@ -391,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     write_json(report, out)
     m = report["metrics"]
-    print(f"{cfg.method}: UA {m['UA']:.2f}  RA {m['RA']:.2f}  TA {m['TA']:.2f}  MIA {m['MIA']:.2f}  ({report['seconds']:.1f} s) -> {out}")
+    noisy = f", {report['forget_mislabeled']} of {report['forget_size']} forget labels flipped" if cfg.label_noise else ""
+    print(f"{cfg.method}: UA {m['UA']:.2f}  RA {m['RA']:.2f}  TA {m['TA']:.2f}  MIA {m['MIA']:.2f}  "
+          f"({report['seconds']:.1f} s{noisy}) -> {out}")
     return 0
 
 
