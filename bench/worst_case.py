@@ -7,8 +7,8 @@ toolkit's default settings (erase.classifier.DEFAULT_LR, 10 epochs), and Retrain
 each set for the gap. "Harder" means: lower UA at equal RA (RA within 0.5 points), or a larger
 gap to Retrain. The forget-set cross-entropy after unlearning is reported too.
 
-This runs on clean digits and on digits with 10% of the training labels flipped
-(`--label-noise 0 0.1`; erase.classifier.with_label_noise). Clean digits has almost nothing that
+This runs on clean digits and on digits with 10% and 20% of the training labels flipped
+(`--label-noise 0 0.1 0.2`; erase.classifier.with_label_noise). Clean digits has almost nothing that
 only memorisation fits: Retrain forgets about 1% of a random forget set and FT nothing, so
 FT's UA is 0 on every set and cannot drop. With flipped labels the random set holds memorised
 samples, as a CIFAR-10 forget set does, and FT forgets some of them. A last table (FT and Retrain
@@ -408,8 +408,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="unlearning epochs of the evaluated methods")
     parser.add_argument("--outer-steps", type=int, default=20)
     parser.add_argument("--variants", nargs="+", default=["ft", "rl", "salun", "rl:unrolled"], help="METHOD[:HYPERGRADIENT]")
-    parser.add_argument("--label-noise", type=float, nargs="+", default=[0.0, 0.1], help="data-wise regimes: flipped label fractions")
-    parser.add_argument("--sweep-noise", type=float, nargs="*", default=[0.05, 0.2], help="extra rates for the FT table")
+    parser.add_argument("--label-noise", type=float, nargs="+", default=[0.0, 0.1, 0.2], help="data-wise regimes: flipped label fractions")
+    parser.add_argument("--sweep-noise", type=float, nargs="*", default=[0.05], help="extra rates for the FT table")
     parser.add_argument("--prompt-size", type=int, default=4)
     parser.add_argument("--prompt-outer-steps", type=int, default=15)
     parser.add_argument("--prompt-inner-steps", type=int, default=10)
