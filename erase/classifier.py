@@ -7,6 +7,8 @@ with its true labels ("random labelling", RL). Baselines: Retrain (train from sc
 retain set, the gold standard), FT (fine-tune on the retain set), GA (gradient ascent on the
 forget set), RL (random labelling without the mask) and l1-sparse (FT with a decaying l1
 penalty, Jia et al. 2023). Metrics: UA = 100 - forget accuracy, RA, TA and MIA-efficacy.
+Data: scikit-learn digits or CIFAR-10, optionally with a fraction of the training labels
+flipped (`--label-noise`, `with_label_noise`).
 
     python -m erase.classifier --dataset digits --forget random:0.1 --method salun --out r.json
 """
