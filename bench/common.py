@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from erase.classifier import write_json
+from erase.atomic import write_json
 
 
 def machine(threads: int | None = None) -> str:

@@ -26,7 +26,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from eval.nudity import count_exposed, protocol, to_bgr  # noqa: E402
-from eval.report import versions, write_json_atomic  # noqa: E402
+from erase.atomic import write_json  # noqa: E402
+from eval.report import versions  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions(),
     }
     out = Path(args.out)
-    write_json_atomic(result, out)
+    write_json(result, out)
     out.with_suffix(".md").write_text(markdown(result))
     print(f"-> {out} and {out.with_suffix('.md')}")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from erase.atomic import write_json
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask
 
 logger = logging.getLogger(__name__)
@@ -364,16 +364,6 @@ def run(cfg: UnlearnConfig, device: str | torch.device = "cpu", original: nn.Mod
         "seconds": seconds,
         "torch": torch.__version__,
     }
-
-
-def write_json(obj: dict, path: str) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from erase.atomic import replace_path
 
 logger = logging.getLogger(__name__)
 
@@ -440,30 +441,12 @@ def train_pipeline(opts: DigitsTrainingOptions) -> Path:
                                    requires_safety_checker=False)
     record = {"options": asdict(opts), "train_seconds": round(time.time() - start, 1),
               "torch_threads": torch.get_num_threads(), "versions": _versions()}
-    return _save_atomically(Path(opts.output_dir), lambda tmp: _save_pipeline(pipe, tmp, record))
+    return replace_path(opts.output_dir, lambda tmp: _save_pipeline(pipe, tmp, record))
 
 
 def _save_pipeline(pipe, folder: Path, record: dict) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
     (folder / "digits_training.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _save_atomically(target: Path, write) -> Path:
-    """Write into a sibling temp path, then swap it in: no half-written output is left behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-    return target
 
 
 def _versions() -> dict[str, str]:
@@ -601,10 +584,7 @@ def save_classifier(model: DigitsClassifier, path: Path, record: dict | None = N
     metadata = {"config": json.dumps(model.config), "colours": json.dumps(COLOURS),
                 "split": json.dumps({k: list(v) for k, v in SPLITS.items()}), "record": json.dumps(record or {})}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    replace_path(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def load_digits_classifier(

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from erase.atomic import replace_path
 
 logger = logging.getLogger(__name__)
 
@@ -179,15 +180,7 @@ def save_mask(mask: Mapping[str, torch.Tensor], path: str | os.PathLike, metadat
         shapes[name] = list(m.shape)
     meta = {"format": MASK_FORMAT, "shapes": json.dumps(shapes), "ratio": repr(mask_fraction(mask))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    replace_path(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_mask(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:

@@ -875,7 +875,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WorstCaseConfig, str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from erase.classifier import write_json
+    from erase.atomic import write_json
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

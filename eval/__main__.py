@@ -260,9 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report |= {"num_processes": state.num_processes, "wall_seconds": round(time.time() - start, 1)}
     if state.is_main_process:
         if args.command != "compare":
-            from eval.report import versions, write_json_atomic
+            from erase.atomic import write_json
+            from eval.report import versions
 
-            write_json_atomic(report | {"versions": versions()}, args.out)
+            write_json(report | {"versions": versions()}, args.out)
         print(f"{args.command}: {_headline(args.command, report)} -> {args.out}")
     state.wait_for_everyone()
     if state.num_processes > 1:

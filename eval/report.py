@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -29,6 +28,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from erase.atomic import replace_dir, write_json
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "image_grid",
     "load_image_folder",
     "versions",
-    "write_json_atomic",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -197,35 +197,6 @@ def read_prompt_lines(path: str | os.PathLike) -> list[str]:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_json_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """Write JSON through a temporary file in the same folder and a rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_dir_atomic(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """write(tmp_dir) into a sibling temporary folder, then swap it in place of `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def image_name(sample: Sample) -> str:
     return f"{sample.index:05d}_seed{sample.seed}.png"
 
@@ -256,16 +227,6 @@ def shared_output_dir(target: str | os.PathLike | None, state=None) -> Iterator[
     finally:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def versions() -> dict[str, str]:
@@ -359,11 +320,11 @@ def compare(opts: CompareOptions, out_dir: str | os.PathLike, *, device="cpu", d
     report["grid_prompts"] = grid_prompts
 
     def write(tmp: Path) -> None:
-        write_json_atomic(report, tmp / "report.json")
+        write_json(report, tmp / "report.json")
         (tmp / "report.md").write_text(compare_markdown(report))
         grid.save(tmp / "grid.png")
 
-    write_dir_atomic(out_dir, write)
+    replace_dir(out_dir, write)
     return report
 
 

@@ -124,7 +124,7 @@ def test_save_load_round_trip_and_bit_packing(tmp_path: Path) -> None:
     loaded = load_mask(path, model)
     assert list(loaded) == list(mask)
     assert all(torch.equal(loaded[n], mask[n]) and loaded[n].dtype == torch.bool for n in mask)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.safetensors"]  # no temporary file left
 
 
 def test_load_mask_for_another_model_raises(tmp_path: Path) -> None:
