@@ -21,7 +21,7 @@ random m the search started from, with the same budget (objectives.salun_loss un
 mask, Adam); the held-out digits classifier scores images of the forget prompts (UA: % not
 showing the prompt's digit in its colour) and of the other prompts (RA).
 
-    python bench/worst_case.py --seeds 3 --out bench/results/worst_case.json
+    python bench/worst_case.py --seeds 5 --out bench/results/worst_case.json
 """
 
 from __future__ import annotations
