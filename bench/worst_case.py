@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from erase.classifier import UnlearnConfig, evaluate, load_dataset, parse_forget, train_original, unlearn
+from erase.classifier import UnlearnConfig, accuracy, evaluate, load_dataset, parse_forget, train_original, unlearn
 from erase.worst_case import WorstCaseConfig, build_prompt_problem, classifier_problem, digits_candidates, random_start, resolve_size, search
 
 from common import machine, save_results  # bench/common.py (the scripts run from bench/)
@@ -85,7 +85,7 @@ def data_seed(seed: int, label_noise: float, args) -> dict:
     """One seed: original model, the random set, and per method a worst-case search and both unlearnings."""
     data, original, random_idx, retrain_random = random_set_seed(seed, label_noise, args)
     out = {"seed": seed, "original_forget_ce_random": forget_ce(original, data, random_idx),
-           "original_TA": evaluate(original, data, random_idx)["TA"], "mislabeled_random": mislabeled(data, random_idx),
+           "original_TA": accuracy(original, data.test_x, data.test_y), "mislabeled_random": mislabeled(data, random_idx),
            "retrain_random": retrain_random["metrics"], "methods": {}}
     for variant in args.variants:
         method, _, hyper = variant.partition(":")
@@ -168,7 +168,7 @@ def noise_sweep(regimes: list[dict], args) -> list[dict]:
                 continue
             data, original, random_idx, retrain = random_set_seed(seed, noise, args)
             ft = unlearn_and_score(original, data, random_idx, "ft", seed, args.epochs)
-            seeds.append({"mislabeled": mislabeled(data, random_idx), "original_TA": evaluate(original, data, random_idx)["TA"],
+            seeds.append({"mislabeled": mislabeled(data, random_idx), "original_TA": accuracy(original, data.test_x, data.test_y),
                           "retrain_UA": retrain["metrics"]["UA"], "ft_UA": ft["metrics"]["UA"]})
             print(f"  sweep noise {noise:g} seed {seed}: Retrain UA {seeds[-1]['retrain_UA']:.2f} FT UA {seeds[-1]['ft_UA']:.2f}",
                   flush=True)
