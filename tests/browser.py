@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -33,7 +34,8 @@ class Browser:
                 "about:blank"]
         self.process = subprocess.Popen(
             ["bash", "-c", f'exec "$0" "$@" 3<&{child_in} 4>&{child_out} {child_in}<&- {child_out}>&-', executable, *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(child_in, child_out))
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(child_in, child_out),
+            start_new_session=True)  # its own process group: close() can stop the helper processes too
         for fd in (to_browser, from_browser, child_in, child_out):
             os.close(fd)
         self._buffer, self._next_id, self._session = b"", 0, None
@@ -81,10 +83,31 @@ class Browser:
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
 
     def close(self) -> None:
-        self.process.terminate()
+        """Ask Chromium to quit, stop whatever of its process group is left, then remove the profile:
+        its helper processes may still be writing there for a moment after the main one exits."""
+        try:
+            self.call("Browser.close")
+        except (RuntimeError, OSError):  # the pipe closes as it quits
+            pass
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process.wait(timeout=30)
         os.close(self._write)
         os.close(self._read)
+        for _ in range(20):
+            try:
+                shutil.rmtree(self._profile.name)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.25)
         self._profile.cleanup()
 
     def __enter__(self) -> Browser:
