@@ -186,7 +186,7 @@ def erase_prompt_set(pipe, problem, forget_items: list[int], args, seed: int):
     retain = the other candidates; saliency mask from the forget images; Adam, `prompt_steps`."""
     from erase.objectives import salun_loss, saliency_loss
     from erase.saliency import MaskedUpdate, compute_saliency_mask
-    from erase.train import noised, step_generator
+    from erase.objectives import noised, step_generator
 
     data = problem.data
     forget_mask = torch.isin(data.prompt_of, torch.tensor(forget_items))

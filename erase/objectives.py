@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ESD_TARGETS", "esd_loss", "noise_target", "salun_loss", "saliency_loss"]
+__all__ = ["ESD_TARGETS", "esd_loss", "noise_target", "noised", "salun_loss", "saliency_loss", "step_generator"]
 
 
 def saliency_loss(
@@ -40,18 +40,43 @@ def noise_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timestep
     return noise
 
 
+def step_generator(seed: int, *parts: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator on `device` that depends only on (seed, step, ...): resuming replays the same
+    batches. On the device of the data, drawing a batch needs no host-device copy (and no sync)."""
+    value = seed
+    for p in parts:
+        value = value * 1_000_003 + p
+    return torch.Generator(device=device).manual_seed(value % (2**63))
+
+
+def noised(scheduler, latents: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a uniform random timestep (DDPM forward process).
+
+    Drawn on the generator's device, then moved to the latents' (a no-op when they match)."""
+    noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents.device, latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g, device=g.device)
+    timesteps = timesteps.to(latents.device)
+    return {
+        "noisy_latents": scheduler.add_noise(latents, noise, timesteps),
+        "timesteps": timesteps,
+        "target": noise_target(scheduler, latents, noise, timesteps),
+        "noise": noise,
+    }
+
+
 def salun_loss(
     unet: torch.nn.Module,
     forget: dict[str, torch.Tensor],
     retain: dict[str, torch.Tensor],
     beta: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SalUn for diffusion (SalUn Eq. 9): remap c to c' on the forget set plus beta * the
     ordinary denoising loss on the retain set.
 
     forget: noisy_latents, timesteps, encoder_hidden_states (c), anchor_hidden_states (c').
     retain: noisy_latents, timesteps, encoder_hidden_states, target.
     forget_loss = || eps(x_t, c) - stopgrad(eps(x_t, c')) ||^2 on the same x_t.
+    The logged terms are detached tensors, not floats: reading them syncs with the device.
     """
     with torch.no_grad():
         target = unet(forget["noisy_latents"], forget["timesteps"], encoder_hidden_states=forget["anchor_hidden_states"]).sample
@@ -65,7 +90,7 @@ def salun_loss(
     forget_loss = F.mse_loss(forget_pred.float(), target.float())
     retain_loss = F.mse_loss(retain_pred.float(), retain["target"].float())
     loss = forget_loss + beta * retain_loss
-    return loss, {"forget_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
+    return loss, {"forget_loss": forget_loss.detach(), "retain_loss": retain_loss.detach()}
 
 
 def esd_loss(
@@ -73,7 +98,7 @@ def esd_loss(
     frozen_unet: torch.nn.Module,
     forget: dict[str, torch.Tensor],
     eta: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ESD (Gandikota et al. 2023, Eq. 2): push eps(x_t, c) towards the frozen model's negatively
     guided prediction eps*(x_t) - eta * (eps*(x_t, c) - eps*(x_t)).
 
@@ -86,7 +111,7 @@ def esd_loss(
         target = eps_0 - eta * (eps_c - eps_0)
     model_pred = unet(x, t, encoder_hidden_states=forget["encoder_hidden_states"]).sample
     loss = F.mse_loss(model_pred.float(), target.float())
-    return loss, {"forget_loss": loss.item()}
+    return loss, {"forget_loss": loss.detach()}
 
 
 # ESD-x fine-tunes the cross-attention (attn2) only; ESD-u every other UNet weight.

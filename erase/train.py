@@ -13,7 +13,6 @@ saliency_mask.safetensors; it appears only when training has finished.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import importlib.util
 import json
@@ -33,10 +32,11 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from diffusers import DDPMScheduler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from erase.concepts import Concept, custom_concept, load_concept  # noqa: E402
-from erase.objectives import ESD_TARGETS, esd_loss, noise_target, salun_loss, saliency_loss  # noqa: E402
+from erase.objectives import ESD_TARGETS, esd_loss, noised, salun_loss, saliency_loss, step_generator  # noqa: E402
 from erase.saliency import (  # noqa: E402
     MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, mask_fraction, save_mask, select_parameters,
 )
@@ -70,10 +70,12 @@ class TrainConfig:
     generation_steps: int = field(default=50, metadata={"help": "sampler steps when generating the sets"})
     guidance_scale: float = field(default=7.5, metadata={"help": "guidance when generating the sets, and g of the mask loss"})
     resolution: int | None = field(default=None, metadata={"help": "image size of the generated sets (model default)"})
+    generation_batch_size: int = field(default=16, metadata={"help": "images per batch when generating the sets"})
     saliency_batch_size: int = field(default=8, metadata={"help": "forget images per gradient batch for the mask"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
     gradient_checkpointing: bool = False
     checkpointing_steps: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps"})
+    logging_steps: int = field(default=10, metadata={"help": "log the mean losses every N steps (reading them waits for the device)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "`latest` or a checkpoint-N folder"})
     output_dir: str = "erased-model"
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
@@ -89,6 +91,8 @@ class TrainConfig:
             raise ValueError("give --concept NAME or --forget-prompt TEXT")
         if self.max_train_steps < 0 or self.train_batch_size < 1 or self.num_images < 1:
             raise ValueError("max_train_steps must be >= 0, train_batch_size and num_images >= 1")
+        if min(self.generation_batch_size, self.saliency_batch_size, self.logging_steps) < 1:
+            raise ValueError("generation_batch_size, saliency_batch_size and logging_steps must be >= 1")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 
@@ -128,68 +132,62 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def step_generator(seed: int, *parts: int) -> torch.Generator:
-    """A generator that depends only on (seed, step, ...): resuming replays the same batches."""
-    value = seed
-    for p in parts:
-        value = value * 1_000_003 + p
-    return torch.Generator().manual_seed(value % (2**63))
-
-
-def noised(scheduler, latents: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a uniform random timestep (DDPM forward process)."""
-    noise = torch.randn(latents.shape, generator=g).to(latents.device, latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(latents.device)
-    return {
-        "noisy_latents": scheduler.add_noise(latents, noise, timesteps),
-        "timesteps": timesteps,
-        "target": noise_target(scheduler, latents, noise, timesteps),
-        "noise": noise,
-    }
-
-
 @dataclass
 class ErasureData:
+    """D_f and D_r encoded once, in fp32 on the training device. Each distinct prompt is encoded
+    once (800 images of one prompt hold one (77, D) row, not 800)."""
+
     forget_latents: torch.Tensor  # (N, 4, h, w)
-    forget_embeds: torch.Tensor  # (N, 77, D): c of each forget image
-    anchor_embeds: torch.Tensor  # (N, 77, D): c' paired with it
-    retain_latents: torch.Tensor
-    retain_embeds: torch.Tensor
-    uncond_embeds: torch.Tensor  # (1, 77, D): the empty prompt
+    forget_prompt: torch.Tensor  # (N,) row in prompt_embeds of each forget image's c
+    anchor_prompt: torch.Tensor  # (N,) row of the c' paired with it
+    retain_latents: torch.Tensor  # (M, 4, h, w)
+    retain_prompt: torch.Tensor  # (M,)
+    prompt_embeds: torch.Tensor  # (P, 77, D); row 0 is the empty prompt
+
+    def embeds(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.prompt_embeds[rows]
 
 
-def prepare_data(pipe, cfg: TrainConfig, concept: Concept, accelerator: Accelerator) -> ErasureData:
-    """Generate (or reuse) D_f and D_r with the original model; encode images and prompts once."""
+def prepare_data(pipe, cfg: TrainConfig, concept: Concept, accelerator: Accelerator, autocast_dtype=None) -> ErasureData:
+    """Generate (or reuse) D_f and D_r with the original model; encode images and prompts once.
+    With `autocast_dtype` the sets are generated under autocast in that precision."""
     gen = dict(num_inference_steps=cfg.generation_steps, guidance_scale=cfg.guidance_scale,
-               cache_dir=os.path.join(cfg.cache_dir, "images"), resolution=cfg.resolution)
+               cache_dir=os.path.join(cfg.cache_dir, "images"), resolution=cfg.resolution,
+               batch_size=cfg.generation_batch_size, autocast_dtype=autocast_dtype)
     model_id = os.path.abspath(pipe.name_or_path) if os.path.isdir(pipe.name_or_path) else pipe.name_or_path
     with accelerator.main_process_first():  # one process generates, the others read the cache
         # fixed generation seeds: every training seed and method reuses the same cached sets
         forget_images, forget_prompts = image_set(pipe, model_id, concept.forget, cfg.num_images, 0, **gen)
         retain_images, retain_prompts = image_set(pipe, model_id, concept.retain, cfg.num_images, 10**6, **gen)
     anchor_of = dict(zip(concept.forget, concept.anchor))
+    anchor_prompts = [anchor_of[p] for p in forget_prompts]
+    distinct = list(dict.fromkeys(["", *forget_prompts, *anchor_prompts, *retain_prompts]))
+    row = {p: i for i, p in enumerate(distinct)}
+    device = pipe.unet.device
+    rows = lambda prompts: torch.tensor([row[p] for p in prompts], device=device)  # noqa: E731
     return ErasureData(
-        forget_latents=encode_images(pipe, forget_images),
-        forget_embeds=encode_prompts(pipe, forget_prompts),
-        anchor_embeds=encode_prompts(pipe, [anchor_of[p] for p in forget_prompts]),
-        retain_latents=encode_images(pipe, retain_images),
-        retain_embeds=encode_prompts(pipe, retain_prompts),
-        uncond_embeds=encode_prompts(pipe, [""]),
+        forget_latents=encode_images(pipe, forget_images).float(),
+        forget_prompt=rows(forget_prompts),
+        anchor_prompt=rows(anchor_prompts),
+        retain_latents=encode_images(pipe, retain_images).float(),
+        retain_prompt=rows(retain_prompts),
+        prompt_embeds=encode_prompts(pipe, distinct).float(),
     )
 
 
 def batch_for(data: ErasureData, scheduler, cfg: TrainConfig, g: torch.Generator) -> tuple[dict, dict]:
+    """One step's forget and retain halves, drawn on the generator's device."""
     n_f, n_r = len(data.forget_latents), len(data.retain_latents)
-    fi = torch.randint(0, n_f, (cfg.train_batch_size,), generator=g)
-    ri = torch.randint(0, n_r, (cfg.train_batch_size,), generator=g)
+    fi = torch.randint(0, n_f, (cfg.train_batch_size,), generator=g, device=g.device).to(data.forget_latents.device)
+    ri = torch.randint(0, n_r, (cfg.train_batch_size,), generator=g, device=g.device).to(data.retain_latents.device)
     forget = noised(scheduler, data.forget_latents[fi], g)
     forget.update(
-        encoder_hidden_states=data.forget_embeds[fi],
-        anchor_hidden_states=data.anchor_embeds[fi],
-        uncond_hidden_states=data.uncond_embeds.expand(len(fi), -1, -1),
+        encoder_hidden_states=data.embeds(data.forget_prompt[fi]),
+        anchor_hidden_states=data.embeds(data.anchor_prompt[fi]),
+        uncond_hidden_states=data.prompt_embeds[:1].expand(len(fi), -1, -1),
     )
     retain = noised(scheduler, data.retain_latents[ri], g)
-    retain["encoder_hidden_states"] = data.retain_embeds[ri]
+    retain["encoder_hidden_states"] = data.embeds(data.retain_prompt[ri])
     return forget, retain
 
 
@@ -204,11 +202,15 @@ def saliency_mask(unet, scheduler, data: ErasureData, cfg: TrainConfig, accelera
     idx = list(shard)
     batches = [idx[i : i + cfg.saliency_batch_size] for i in range(0, len(idx), cfg.saliency_batch_size)]
 
+    device = data.forget_latents.device
+
     def loss_fn(model, batch_idx):
-        x = [noised(scheduler, data.forget_latents[i : i + 1], step_generator(cfg.seed, -1, i)) for i in batch_idx]
+        x = [noised(scheduler, data.forget_latents[i : i + 1], step_generator(cfg.seed, -1, i, device=device)) for i in batch_idx]
         stack = {k: torch.cat([xi[k] for xi in x]) for k in ("noisy_latents", "timesteps", "target")}
-        return saliency_loss(model, stack["noisy_latents"], stack["timesteps"], stack["target"],
-                             data.forget_embeds[batch_idx], data.uncond_embeds.expand(len(batch_idx), -1, -1), cfg.guidance_scale)
+        with accelerator.autocast():  # gradients land in the fp32 weights' .grad and sum there
+            return saliency_loss(model, stack["noisy_latents"], stack["timesteps"], stack["target"],
+                                 data.embeds(data.forget_prompt[batch_idx]), data.prompt_embeds[:1].expand(len(batch_idx), -1, -1),
+                                 cfg.guidance_scale)
 
     return compute_saliency_mask(unet, loss_fn, batches, cfg.mask_ratio, show_progress=accelerator.is_local_main_process)
 
@@ -219,7 +221,9 @@ def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging
     if resume and os.path.isfile(saved):  # the mask of the interrupted run
         return load_mask(saved, unet)
     if cfg.method == "salun":
-        return given if given is not None else saliency_mask(unet, scheduler, data, cfg, accelerator)
+        if given is not None:
+            return given
+        return {n: m.cpu() for n, m in saliency_mask(unet, scheduler, data, cfg, accelerator).items()}  # 1 byte a weight: off the GPU
     chosen = {n for n, _ in select_parameters(unet, ESD_TARGETS.get(cfg.method, ".*"))}
     return {n: torch.full(p.shape, n in chosen, dtype=torch.bool) for n, p in unet.named_parameters()}
 
@@ -273,6 +277,44 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
 
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def hold_frozen(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """Put the frozen VAE and text encoder on `device` in `dtype` for generation and encoding;
+    return their original weights (which stay where they were) for `release_frozen`."""
+    originals = {}
+    for name in ("vae", "text_encoder"):
+        module = getattr(pipe, name).requires_grad_(False)
+        originals[name] = dict(module.state_dict())  # the tensors themselves, not copies
+        module.to(device, dtype)
+    return originals
+
+
+def release_frozen(pipe, originals: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Swap the original weights back in (bit-identical in the saved pipeline) and free the device copies."""
+    for name, state in originals.items():
+        getattr(pipe, name).load_state_dict(state, assign=True)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak allocated device memory since the last call (None off CUDA), then reset the peak."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def frozen_copy(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """ESD's teacher: a frozen copy of the UNet made directly in `dtype` (no transient fp32 copy)."""
+    with torch.device("meta"):
+        teacher = type(unet).from_config(unet.config).to(dtype)
+    teacher.to_empty(device=unet.device)
+    teacher.load_state_dict(unet.state_dict())  # copy_ casts to dtype
+    return teacher.requires_grad_(False).eval()
+
+
 def train(cfg: TrainConfig) -> str:
     concept = cfg.resolve_concept()
     check_output_dir(cfg)
@@ -284,19 +326,25 @@ def train(cfg: TrainConfig) -> str:
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=staging, logging_dir=os.path.join(staging, "logs")),
     )
+    device = accelerator.device
+    if cfg.mixed_precision == "fp16" and not accelerator.native_amp:
+        raise ValueError(f"--mixed-precision fp16 needs a GPU (this process runs on {device.type}); use bf16 or no")
     set_seed(cfg.seed)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    pipe = load_pipeline(cfg.pretrained_model_name_or_path, device=accelerator.device)
-    unet, scheduler = pipe.unet, pipe.scheduler
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(scheduler.config)  # the training noise schedule
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    # the frozen parts run in weight_dtype; the trained UNet keeps fp32 master weights
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    autocast_dtype = weight_dtype if cfg.mixed_precision != "no" else None
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="cpu")
+    unet = pipe.unet.to(device)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     given_mask = load_mask(cfg.mask, unet) if cfg.mask else None  # fail before any generation
+    peaks: dict[str, float | None] = {}
+    peak_memory_gib(device)
     start = time.perf_counter()
-    data = prepare_data(pipe, cfg, concept, accelerator)
+    originals = hold_frozen(pipe, device, weight_dtype)
+    data = prepare_data(pipe, cfg, concept, accelerator, autocast_dtype)
+    release_frozen(pipe, originals)
     seconds_data = time.perf_counter() - start
+    peaks["data"] = peak_memory_gib(device)
 
     checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
     if checkpoint is None and os.path.isdir(staging) and accelerator.is_main_process:
@@ -306,21 +354,23 @@ def train(cfg: TrainConfig) -> str:
     start = time.perf_counter()
     mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask, resume=checkpoint is not None)
     seconds_mask = time.perf_counter() - start
+    peaks["mask"] = peak_memory_gib(device)
     if accelerator.is_main_process:
         os.makedirs(staging, exist_ok=True)
         save_mask(mask, os.path.join(staging, "saliency_mask.safetensors"), metadata={"method": cfg.method, "concept": concept.name})
 
-    frozen_unet = None
-    if cfg.method.startswith("esd"):
-        frozen_unet = copy.deepcopy(unet).requires_grad_(False).to(weight_dtype)
+    frozen_unet = frozen_copy(unet, weight_dtype) if cfg.method.startswith("esd") else None
     trainable = {n for n, m in mask.items() if bool(m.any())}
     for n, p in unet.named_parameters():
         p.requires_grad_(n in trainable)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
+    # fused Adam on CUDA: one kernel for all weights and no foreach temporaries the size of the model
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, fused=device.type == "cuda")
     update = MaskedUpdate(unet, {n: m for n, m in mask.items() if n in trainable}).attach(optimizer)
+    kept = mask_fraction(mask)
+    del mask  # MaskedUpdate holds it bit-packed
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
     first_step = 0
@@ -333,26 +383,35 @@ def train(cfg: TrainConfig) -> str:
 
     progress = tqdm(range(cfg.max_train_steps), initial=first_step, desc=f"{cfg.method} {concept.name}", disable=not accelerator.is_local_main_process)
     logs: dict[str, float] = {}
+    running: dict[str, torch.Tensor] = {}  # loss sums on the device since the last log
     start = time.perf_counter()
     unet.train()
     for step in range(first_step, cfg.max_train_steps):
         for micro in range(cfg.gradient_accumulation_steps):
-            g = step_generator(cfg.seed, step, micro, accelerator.process_index)
+            g = step_generator(cfg.seed, step, micro, accelerator.process_index, device=device)
             forget, retain = batch_for(data, scheduler, cfg, g)
             with accelerator.accumulate(unet), accelerator.autocast():
                 if frozen_unet is not None:
-                    loss, logs = esd_loss(unet, frozen_unet, forget, cfg.eta)
+                    loss, terms = esd_loss(unet, frozen_unet, forget, cfg.eta)
                 else:
-                    loss, logs = salun_loss(unet, forget, retain, cfg.beta)
+                    loss, terms = salun_loss(unet, forget, retain, cfg.beta)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            for k, v in terms.items():
+                running[k] = running.get(k, 0) + v / cfg.gradient_accumulation_steps
         progress.update(1)
-        progress.set_postfix(**{k: f"{v:.4f}" for k, v in logs.items()})
-        accelerator.log(logs, step=step + 1)
-        if cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.max_train_steps:
-            save_checkpoint(accelerator, os.path.join(staging, "checkpoints", f"checkpoint-{step + 1}"))
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == cfg.max_train_steps:  # the only host sync of the loop
+            count = done - max(first_step, (done - 1) // cfg.logging_steps * cfg.logging_steps)
+            logs = {k: float(v) / count for k, v in running.items()}
+            running = {}
+            progress.set_postfix(**{k: f"{v:.4f}" for k, v in logs.items()})
+            accelerator.log(logs, step=done)
+        if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
+            save_checkpoint(accelerator, os.path.join(staging, "checkpoints", f"checkpoint-{done}"))
     seconds_train = time.perf_counter() - start
+    peaks["train"] = peak_memory_gib(device)
     progress.close()
     update.remove()
     accelerator.wait_for_everyone()
@@ -362,10 +421,12 @@ def train(cfg: TrainConfig) -> str:
         record = {
             "config": dataclasses.asdict(cfg),
             "concept": dataclasses.asdict(concept),
-            "mask": {"trainable_fraction": mask_fraction(mask), "file": "saliency_mask.safetensors"},
+            "mask": {"trainable_fraction": kept, "file": "saliency_mask.safetensors"},
             "num_processes": accelerator.num_processes,
             "final_losses": logs,
             "seconds": {"data": seconds_data, "mask": seconds_mask, "train": seconds_train},
+            "peak_memory_gib": peaks,
+            "device": str(device),
             "resumed_from": checkpoint,
             "versions": versions(),
         }
@@ -378,7 +439,9 @@ def publish(pipe, staging: str, cfg: TrainConfig, record: dict) -> None:
     """Write the pipeline into the staging folder, then move it into place in one rename."""
     final = os.path.join(staging, "pipeline")
     shutil.rmtree(final, ignore_errors=True)
+    start = time.perf_counter()
     pipe.save_pretrained(final, safe_serialization=True)
+    record["seconds"]["save"] = time.perf_counter() - start
     shutil.copy(os.path.join(staging, "saliency_mask.safetensors"), os.path.join(final, "saliency_mask.safetensors"))
     with open(os.path.join(final, "erase_config.json"), "w") as f:
         json.dump(record, f, indent=2, default=str)

@@ -525,7 +525,7 @@ class PromptProblem:
         self.eval_batches = self._draws(eval_draws, lower.seed + 1)
 
     def _noised(self, idx: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
-        from erase.train import noised
+        from erase.objectives import noised
 
         batch = noised(self.scheduler, self.data.latents[idx], g)
         batch["idx"] = idx

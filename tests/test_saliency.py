@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DEVICES
 from erase import MaskedUpdate, compute_saliency_mask, global_topk_mask, load_mask, save_mask
-from erase.saliency import select_parameters
+from erase.saliency import pack_bits, select_parameters, unpack_bits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +30,10 @@ def brute_force_mask(scores: dict[str, torch.Tensor], ratio: float) -> dict[str,
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ratio", [0.5, 0.1, 0.333, 1.0])
 @pytest.mark.parametrize("with_ties", [False, True])
-def test_global_threshold_equals_brute_force_sort(ratio: float, with_ties: bool) -> None:
+def test_global_threshold_equals_brute_force_sort(ratio: float, with_ties: bool, device: str) -> None:
     g = torch.Generator().manual_seed(1)
     shapes = {"a.weight": (17, 9), "a.bias": (17,), "b.weight": (3, 5, 7), "c": (1,)}
     scores = {}
@@ -40,12 +42,13 @@ def test_global_threshold_equals_brute_force_sort(ratio: float, with_ties: bool)
         if with_ties:
             s = (s * 6).floor()  # only 6 distinct values: many ties at any threshold
         scores[name] = s
-    mask = global_topk_mask(scores, ratio)
+    mask = global_topk_mask({n: s.to(device) for n, s in scores.items()}, ratio)
     expected = brute_force_mask(scores, ratio)
     total = sum(s.numel() for s in scores.values())
     assert sum(int(m.sum()) for m in mask.values()) == round(ratio * total)
     for name in scores:
-        assert torch.equal(mask[name], expected[name]), name
+        assert mask[name].device.type == device
+        assert torch.equal(mask[name].cpu(), expected[name]), name
 
 
 def test_threshold_is_global_not_per_layer() -> None:
@@ -112,10 +115,25 @@ def test_select_parameters_by_name_suffix_module_and_regex() -> None:
         select_parameters(model, ["ttn2"])  # a partial word is not a module name
 
 
-def test_save_load_round_trip_and_bit_packing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 1000, 12345])
+def test_pack_bits_matches_numpy_and_round_trips(numel: int, device: str) -> None:
+    import numpy as np
+
+    g = torch.Generator().manual_seed(numel)
+    mask = torch.rand(numel, generator=g) < 0.5
+    packed = pack_bits(mask.to(device))
+    assert packed.device.type == device and packed.dtype == torch.uint8
+    assert np.array_equal(packed.cpu().numpy(), np.packbits(mask.numpy()))  # the on-disk format
+    shape = (numel,) if numel % 3 else (3, numel // 3)
+    assert torch.equal(unpack_bits(packed, shape).cpu(), mask.view(shape))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_save_load_round_trip_and_bit_packing(tmp_path: Path, device: str) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(100, 200), torch.nn.Linear(200, 50))
-    scores = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    scores = {n: torch.rand_like(p).to(device) for n, p in model.named_parameters()}
     mask = global_topk_mask(scores, 0.5)
     path = tmp_path / "mask.safetensors"
     save_mask(mask, path, metadata={"model": "tiny"})
@@ -123,7 +141,7 @@ def test_save_load_round_trip_and_bit_packing(tmp_path: Path) -> None:
     assert os.path.getsize(path) <= n_params / 8 + 2048  # 1 bit per weight plus a small header
     loaded = load_mask(path, model)
     assert list(loaded) == list(mask)
-    assert all(torch.equal(loaded[n], mask[n]) and loaded[n].dtype == torch.bool for n in mask)
+    assert all(torch.equal(loaded[n], mask[n].cpu()) and loaded[n].dtype == torch.bool for n in mask)
     assert [p.name for p in tmp_path.iterdir()] == ["mask.safetensors"]  # no temporary file left
 
 
@@ -146,23 +164,25 @@ def test_load_mask_for_another_model_raises(tmp_path: Path) -> None:
 OPTIMIZERS = {
     "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
     "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=0.01, fused=True),  # what train.py uses on CUDA
     "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1),
     "adam-l2": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.5),
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_masked_out_weights_stay_bit_identical(opt_name: str) -> None:
-    model = tiny_model()
+def test_masked_out_weights_stay_bit_identical(opt_name: str, device: str) -> None:
+    model = tiny_model().to(device)
     g = torch.Generator().manual_seed(3)
-    mask = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in model.named_parameters()}
+    mask = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in model.named_parameters()}  # on the CPU: moved by MaskedUpdate
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = OPTIMIZERS[opt_name](model.parameters())
     update = MaskedUpdate(model, mask).attach(optimizer)
     assert update.restores == (opt_name in {"sgd-momentum-wd", "adam-l2", "adamw"})  # weight decay
     for step in range(20):
-        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        x, y = torch.randn(16, 6, generator=g).to(device), torch.randint(0, 3, (16,), generator=g).to(device)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
@@ -170,9 +190,9 @@ def test_masked_out_weights_stay_bit_identical(opt_name: str) -> None:
         optimizer.step()
     update.remove()
     for n, p in model.named_parameters():
-        frozen = ~mask[n]
-        assert torch.equal(p.detach()[frozen], before[n][frozen]), f"{n} masked-out weights moved"
-        assert (p.detach()[mask[n]] != before[n][mask[n]]).float().mean() > 0.9, f"{n} salient weights did not train"
+        m = mask[n].to(device)
+        assert torch.equal(p.detach()[~m], before[n][~m]), f"{n} masked-out weights moved"
+        assert (p.detach()[m] != before[n][m]).float().mean() > 0.9, f"{n} salient weights did not train"
 
 
 def test_without_masked_update_weight_decay_moves_masked_weights() -> None:

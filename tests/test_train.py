@@ -207,3 +207,53 @@ def test_existing_output_dir_and_foreign_mask_are_refused(erased_nudity: Path, t
     proc = run_train(["--concept", "nudity", "--mask", str(foreign), *small_run(tiny_sd_path, out, tmp_path / "cache")])
     assert proc.returncode != 0 and "does not fit this model" in proc.stderr
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def check_erasure(original: Path, erased: Path) -> None:
+    """Masked-out UNet weights, the text encoder and the VAE bit-identical; UNet saved in fp32."""
+    from diffusers import UNet2DConditionModel
+
+    before, after = weights(original, "unet"), weights(erased, "unet")
+    mask = load_mask(erased / "saliency_mask.safetensors", UNet2DConditionModel.from_pretrained(original / "unet"))
+    assert all(after[k].dtype == torch.float32 for k in after), "the UNet's fp32 master weights were not saved"
+    for name, m in mask.items():
+        assert torch.equal(after[name][~m], before[name][~m]), f"{name}: a masked-out weight moved"
+    assert any(not torch.equal(after[k], before[k]) for k in before), "nothing was trained"
+    for component in ["vae", "text_encoder"]:
+        a, b = weights(original, component), weights(erased, component)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+
+
+def test_bf16_on_the_cpu_keeps_fp32_masters_and_frozen_modules(tiny_sd_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_train(["--concept", "nudity", "--mixed-precision", "bf16", *small_run(tiny_sd_path, out, tmp_path / "cache")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_erasure(tiny_sd_path, out)
+    record = json.loads((out / "erase_config.json").read_text())
+    assert set(record["seconds"]) == {"data", "mask", "train", "save"}
+    assert set(record["peak_memory_gib"]) == {"data", "mask", "train"} and record["device"] == "cpu"
+    # the bf16 sets are cached apart from fp32 ones: the key names the precision
+    index = json.loads(next((tmp_path / "cache" / "images").glob("*/index.json")).read_text())
+    assert index["autocast"] == "bfloat16" and index["dtypes"] == {"unet": "float32", "vae": "bfloat16", "text_encoder": "bfloat16"}
+
+
+def test_fp16_without_a_gpu_is_one_clear_error(tiny_sd_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_train(["--concept", "nudity", "--mixed-precision", "fp16", *small_run(tiny_sd_path, out, tmp_path / "cache")])
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --mixed-precision fp16 needs a GPU"), proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and not out.exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("method", ["salun", "rl", "esd-x", "esd-u"])
+def test_each_method_on_cuda_in_mixed_precision(method: str, precision: str, tiny_sd_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [sys.executable, TRAIN, "--concept", "nudity", "--method", method, "--mixed-precision", precision,
+           *small_run(tiny_sd_path, out, tmp_path / "cache")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_erasure(tiny_sd_path, out)
+    record = json.loads((out / "erase_config.json").read_text())
+    assert record["device"].startswith("cuda") and all(v > 0 for v in record["peak_memory_gib"].values())
