@@ -63,7 +63,7 @@ def main() -> None:
         unet.enable_gradient_checkpointing()
     g = torch.Generator().manual_seed(0)  # a random half: step cost does not depend on which half
     mask = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in unet.named_parameters()}
-    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-5)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-5, fused=args.device.startswith("cuda"))  # as erase/train.py
     MaskedUpdate(unet, mask).attach(optimizer)
     del mask
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
