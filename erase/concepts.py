@@ -22,7 +22,14 @@ import yaml
 
 __all__ = ["Concept", "available_concepts", "load_concept"]
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+def _prompts_dir() -> Path:
+    """The concept files: erase/prompts/ in an installed wheel, the checkout's prompts/ otherwise."""
+    here = Path(__file__).resolve().parent
+    installed = here / "prompts"
+    return installed if installed.is_dir() else here.parent / "prompts"
+
+
+PROMPTS_DIR = _prompts_dir()
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""What a user installs is the wheel, not this checkout: build it, install it into a folder
+outside the checkout, and use it from there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The wheel built from this tree (`pip wheel .`), installed into a target folder; the env to use it."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(tmp / "dist")],
+                           capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = next((tmp / "dist").glob("erase-*.whl"))
+    target = tmp / "site"
+    install = subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    return target, env
+
+
+def run(code_or_args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *code_or_args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_installed_wheel_knows_every_concept(installed, tmp_path: Path) -> None:
+    target, env = installed
+    code = (
+        "import erase, erase.concepts as c\n"
+        f"assert erase.__file__.startswith({str(target)!r}), erase.__file__\n"
+        "known = c.available_concepts()\n"
+        "assert {'nudity', 'church', 'seven', 'red'} <= set(known), sorted(known)\n"
+        "for name in known: c.load_concept(name)\n"
+        "print(len(known))\n"
+    )
+    proc = run(["-c", code], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.strip()) >= 25
+
+
+def test_installed_wheel_runs_the_training_command(installed, tmp_path: Path) -> None:
+    _, env = installed
+    proc = run(["-m", "erase.train", "--help"], env, tmp_path)
+    assert proc.returncode == 0 and "--concept" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_installed_wheel_erases_and_compares(installed, tmp_path: Path) -> None:
+    """accelerate launch -m erase.train on the embedded model from the wheel, then eval compare."""
+    _, env = installed
+    out = tmp_path / "seven-erased"
+    launch = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "erase.train"]
+    proc = run(launch + ["--model", "digits", "--concept", "seven", "--num-images", "16", "--max-train-steps", "10",
+                         "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")], env, tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "erase_config.json").is_file()
+    proc = run(["-m", "eval", "compare", "digits", str(out), "--images-per-prompt", "1", "--out", str(tmp_path / "report")],
+               env, tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "report" / "report.md").is_file()
