@@ -1,0 +1,40 @@
+"""python -m erase.digits --train | --train-classifier: rebuild the embedded model or its classifier."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+
+from erase.digits.build import DigitsTrainingOptions, train_pipeline
+from erase.digits.judge import ClassifierTrainingOptions, train_classifier
+from erase.digits.model import CLASSIFIER_PATH, MODEL_DIR
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m erase.digits", description="Rebuild the embedded digits model or its judging classifier.")
+    parser.add_argument("--train", action="store_true", help="train the pipeline from scratch")
+    parser.add_argument("--train-classifier", action="store_true", help="train the judging classifier")
+    parser.add_argument("--output-dir", default=str(MODEL_DIR), help="pipeline folder to write")
+    parser.add_argument("--classifier-out", default=str(CLASSIFIER_PATH), help="classifier file to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-train-steps", type=int, default=DigitsTrainingOptions.max_train_steps)
+    parser.add_argument("--vae-steps", type=int, default=DigitsTrainingOptions.vae_steps)
+    args = parser.parse_args(argv)
+    if not (args.train or args.train_classifier):
+        parser.error("nothing to do: pass --train and/or --train-classifier")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.train:
+        start = time.time()
+        opts = DigitsTrainingOptions(output_dir=args.output_dir, seed=args.seed,
+                                     max_train_steps=args.max_train_steps, vae_steps=args.vae_steps)
+        print(f"pipeline written to {train_pipeline(opts)} in {time.time() - start:.0f} s")
+    if args.train_classifier:
+        start = time.time()
+        train_classifier(ClassifierTrainingOptions(output_path=args.classifier_out, seed=args.seed))
+        print(f"classifier written to {args.classifier_out} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
