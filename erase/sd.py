@@ -6,14 +6,21 @@ CompVis/stable-diffusion-v1-4. Device and dtype always come from the caller.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import diffusers
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from tqdm.auto import tqdm
+
+from erase.atomic import replace_dir
+from erase.cli import check_model
 
 logger = logging.getLogger(__name__)
 _DIFFUSERS_VERSION = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
@@ -32,7 +39,7 @@ SD_V1_UNET_CONFIG = dict(
     attention_head_dim=8,
 )
 
-__all__ = ["encode_images", "encode_prompts", "generate", "image_set", "load_pipeline", "resolve_model"]
+__all__ = ["encode_images", "encode_prompts", "generate", "image_set", "load_pipeline", "model_key", "resolve_model"]
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -50,12 +57,8 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
 ) -> StableDiffusionPipeline:
     """Load a pipeline folder or hub id, without the safety checker; one clear error if missing."""
+    check_model(name_or_path)
     path = resolve_model(name_or_path)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
-    if looks_local and not os.path.isdir(path):
-        raise ValueError(f"model folder not found: {path}")
     # diffusers 0.42 renamed torch_dtype to dtype
     dtype_arg = {"dtype": dtype} if _DIFFUSERS_VERSION >= (0, 42) else {"torch_dtype": dtype}
     try:
@@ -128,9 +131,14 @@ def encode_images(pipe: StableDiffusionPipeline, images: Sequence[Image.Image], 
     return torch.cat(out)
 
 
+def model_key(pipe) -> str:
+    """What names the model in a cache key: the absolute folder, or the hub id."""
+    name = pipe.name_or_path
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
 def image_set(
     pipe: StableDiffusionPipeline,
-    model_id: str,
     prompts: Sequence[str],
     num_images: int,
     seed: int,
@@ -145,38 +153,27 @@ def image_set(
     seeds seed, seed+1, ...; cached on disk with their prompts and seeds and reused by later runs.
     The cache key holds everything that changes the pixels: model, prompts, seeds, sampler,
     steps, guidance, resolution, the precision of each component and the device type."""
-    import hashlib
-    import json
-    import shutil
-    import tempfile
-
-    from tqdm.auto import tqdm
-
     chosen = [prompts[i % len(prompts)] for i in range(num_images)]
     seeds = [seed + i for i in range(num_images)]
-    key = {"model": model_id, "prompts": chosen, "seeds": seeds, "steps": num_inference_steps,
+    key = {"model": model_key(pipe), "prompts": chosen, "seeds": seeds, "steps": num_inference_steps,
            "guidance": guidance_scale, "resolution": resolution, "scheduler": type(pipe.scheduler).__name__,
            "device": pipe.device.type, "autocast": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
            "dtypes": {name: str(getattr(pipe, name).dtype).removeprefix("torch.") for name in ("unet", "vae", "text_encoder")}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = os.path.join(cache_dir, digest)
-    if os.path.isfile(os.path.join(folder, "index.json")):
+    folder = Path(cache_dir) / digest
+    if (folder / "index.json").is_file():
         logger.info("reusing %d cached images in %s", num_images, folder)
-        return [Image.open(os.path.join(folder, f"{i:05d}.png")).convert("RGB") for i in range(num_images)], chosen
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".partial-")
-    try:
-        images = []
-        for i in tqdm(range(0, num_images, batch_size), desc="generating", unit="batch"):
-            chunk = generate(pipe, chosen[i : i + batch_size], seeds[i : i + batch_size], num_inference_steps,
-                             guidance_scale, batch_size=batch_size, height=resolution, width=resolution,
-                             autocast_dtype=autocast_dtype)
-            images.extend(chunk)
+        return [Image.open(folder / f"{i:05d}.png").convert("RGB") for i in range(num_images)], chosen
+    images = []
+    for i in tqdm(range(0, num_images, batch_size), desc="generating", unit="batch"):
+        images.extend(generate(pipe, chosen[i : i + batch_size], seeds[i : i + batch_size], num_inference_steps,
+                               guidance_scale, batch_size=batch_size, height=resolution, width=resolution,
+                               autocast_dtype=autocast_dtype))
+
+    def write(tmp: Path) -> None:
         for i, im in enumerate(images):
-            im.save(os.path.join(tmp, f"{i:05d}.png"))
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump(key, f, indent=1)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            im.save(tmp / f"{i:05d}.png")
+        (tmp / "index.json").write_text(json.dumps(key, indent=1))
+
+    replace_dir(folder, write)
     return images, chosen

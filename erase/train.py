@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Why here: transformers prints notes about optional packages (torchvision) while diffusers
 # imports it; a command's stderr should hold progress bars and our own one-line errors.
@@ -35,10 +35,33 @@ from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from erase.atomic import replace_dir, shared_output_dir, write_json  # noqa: E402
+from erase.cli import (  # noqa: E402
+    add_dataclass_arguments,
+    check_positive,
+    check_prompts,
+    check_writable,
+    one_line_errors,
+    quiet_libraries,
+    versions,
+)
 from erase.concepts import Concept, custom_concept, load_concept  # noqa: E402
-from erase.objectives import ESD_TARGETS, esd_loss, noised, salun_loss, saliency_loss, step_generator  # noqa: E402
+from erase.objectives import (  # noqa: E402
+    ESD_TARGETS,
+    esd_loss,
+    noised,
+    saliency_loss,
+    salun_loss,
+    step_generator,
+)
 from erase.saliency import (  # noqa: E402
-    MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, mask_fraction, save_mask, select_parameters,
+    MaskedUpdate,
+    check_ratio,
+    compute_saliency_mask,
+    load_mask,
+    mask_fraction,
+    save_mask,
+    select_parameters,
 )
 from erase.sd import encode_images, encode_prompts, image_set, load_pipeline  # noqa: E402
 
@@ -65,7 +88,7 @@ class TrainConfig:
     learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
     train_batch_size: int = field(default=8, metadata={"help": "forget and retain images per step and process"})
     max_train_steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     num_images: int = field(default=800, metadata={"help": "images in the forget set and in the retain set"})
     generation_steps: int = field(default=50, metadata={"help": "sampler steps when generating the sets"})
     guidance_scale: float = field(default=7.5, metadata={"help": "guidance when generating the sets, and g of the mask loss"})
@@ -73,11 +96,11 @@ class TrainConfig:
     generation_batch_size: int = field(default=16, metadata={"help": "images per batch when generating the sets"})
     saliency_batch_size: int = field(default=8, metadata={"help": "forget images per gradient batch for the mask"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
     checkpointing_steps: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps"})
     logging_steps: int = field(default=10, metadata={"help": "log the mean losses every N steps (reading them waits for the device)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "`latest` or a checkpoint-N folder"})
-    output_dir: str = "erased-model"
+    output_dir: str = field(default="erased-model", metadata={"help": "the erased pipeline's folder"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
     cache_dir: str = field(default=os.path.join(os.path.expanduser("~"), ".cache", "erase"), metadata={"help": "generated image sets"})
     report_to: str | None = field(default=None, metadata={"help": "tracker (default: tensorboard when installed)"})
@@ -93,6 +116,19 @@ class TrainConfig:
             raise ValueError("max_train_steps must be >= 0, train_batch_size and num_images >= 1")
         if min(self.generation_batch_size, self.saliency_batch_size, self.logging_steps) < 1:
             raise ValueError("generation_batch_size, saliency_batch_size and logging_steps must be >= 1")
+        check_positive(learning_rate=self.learning_rate, generation_steps=self.generation_steps,
+                       gradient_accumulation_steps=self.gradient_accumulation_steps, resolution=self.resolution)
+        if self.resolution is not None and self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if min(self.beta, self.eta, self.guidance_scale, self.checkpointing_steps) < 0:
+            raise ValueError("beta, eta, guidance_scale and checkpointing_steps must be >= 0")
+        check_prompts("forget_prompt", self.forget_prompt)
+        check_prompts("anchor_prompt", self.anchor_prompt)
+        check_prompts("retain_prompt", self.retain_prompt)
+        if self.mask is not None and not os.path.isfile(self.mask):
+            raise ValueError(f"mask file not found: {self.mask}")
+        check_writable(self.output_dir, "output")
+        check_writable(self.cache_dir, "cache")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 
@@ -106,20 +142,8 @@ class TrainConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(TrainConfig):
-        names = ["--" + f.name.replace("_", "-"), "--" + f.name]  # diffusers' spellings are aliases
-        if f.name == "pretrained_model_name_or_path":
-            names.insert(0, "--model")
-        names = list(dict.fromkeys(names))
-        kwargs = {"dest": f.name, "help": f.metadata.get("help")}
-        if f.type == "bool":
-            parser.add_argument(*names, action="store_true", **kwargs)
-        elif f.type == "list[str]":
-            parser.add_argument(*names, action="append", **kwargs)
-        else:
-            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-            parser.add_argument(*names, type=kind, **kwargs)
+    parser = one_line_errors(argparse.ArgumentParser(prog="erase/train.py", description=__doc__.split("\n\n")[0]))
+    add_dataclass_arguments(parser, TrainConfig, aliases={"pretrained_model_name_or_path": ["--model"]}, suppress=True)
     given = vars(parser.parse_args(argv))
     # a concept file's `train:` recipe sits between the paper defaults and the flags
     recipe = {}
@@ -154,11 +178,10 @@ def prepare_data(pipe, cfg: TrainConfig, concept: Concept, accelerator: Accelera
     gen = dict(num_inference_steps=cfg.generation_steps, guidance_scale=cfg.guidance_scale,
                cache_dir=os.path.join(cfg.cache_dir, "images"), resolution=cfg.resolution,
                batch_size=cfg.generation_batch_size, autocast_dtype=autocast_dtype)
-    model_id = os.path.abspath(pipe.name_or_path) if os.path.isdir(pipe.name_or_path) else pipe.name_or_path
     with accelerator.main_process_first():  # one process generates, the others read the cache
         # fixed generation seeds: every training seed and method reuses the same cached sets
-        forget_images, forget_prompts = image_set(pipe, model_id, concept.forget, cfg.num_images, 0, **gen)
-        retain_images, retain_prompts = image_set(pipe, model_id, concept.retain, cfg.num_images, 10**6, **gen)
+        forget_images, forget_prompts = image_set(pipe, concept.forget, cfg.num_images, 0, **gen)
+        retain_images, retain_prompts = image_set(pipe, concept.retain, cfg.num_images, 10**6, **gen)
     anchor_of = dict(zip(concept.forget, concept.anchor))
     anchor_prompts = [anchor_of[p] for p in forget_prompts]
     distinct = list(dict.fromkeys(["", *forget_prompts, *anchor_prompts, *retain_prompts]))
@@ -257,24 +280,8 @@ def latest_checkpoint(staging: str, which: str | None) -> str | None:
 def save_checkpoint(accelerator: Accelerator, folder: str) -> None:
     """save_state into a temporary folder, then rename: a run killed mid-write leaves no
     half checkpoint for `--resume-from-checkpoint latest` to pick up."""
-    tmp = folder + ".tmp"
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    accelerator.wait_for_everyone()
-
-
-def versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import transformers
-
-    import erase
-
-    return {"erase": erase.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+    with shared_output_dir(folder, accelerator) as tmp:
+        accelerator.save_state(str(tmp))
 
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -319,6 +326,7 @@ def train(cfg: TrainConfig) -> str:
     concept = cfg.resolve_concept()
     check_output_dir(cfg)
     staging = staging_dir(cfg.output_dir)
+    checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
     report_to = cfg.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else None)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -329,6 +337,10 @@ def train(cfg: TrainConfig) -> str:
     device = accelerator.device
     if cfg.mixed_precision == "fp16" and not accelerator.native_amp:
         raise ValueError(f"--mixed-precision fp16 needs a GPU (this process runs on {device.type}); use bf16 or no")
+    if checkpoint is None and os.path.isdir(staging) and accelerator.is_main_process:
+        logger.warning(f"starting afresh: removing the unfinished run in {staging}")
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     # the frozen parts run in weight_dtype; the trained UNet keeps fp32 master weights
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
@@ -346,11 +358,6 @@ def train(cfg: TrainConfig) -> str:
     seconds_data = time.perf_counter() - start
     peaks["data"] = peak_memory_gib(device)
 
-    checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
-    if checkpoint is None and os.path.isdir(staging) and accelerator.is_main_process:
-        logger.warning(f"starting afresh: removing the unfinished run in {staging}")
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
     start = time.perf_counter()
     mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask, resume=checkpoint is not None)
     seconds_mask = time.perf_counter() - start
@@ -436,33 +443,17 @@ def train(cfg: TrainConfig) -> str:
 
 
 def publish(pipe, staging: str, cfg: TrainConfig, record: dict) -> None:
-    """Write the pipeline into the staging folder, then move it into place in one rename."""
-    final = os.path.join(staging, "pipeline")
-    shutil.rmtree(final, ignore_errors=True)
-    start = time.perf_counter()
-    pipe.save_pretrained(final, safe_serialization=True)
-    record["seconds"]["save"] = time.perf_counter() - start
-    shutil.copy(os.path.join(staging, "saliency_mask.safetensors"), os.path.join(final, "saliency_mask.safetensors"))
-    with open(os.path.join(final, "erase_config.json"), "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    if os.path.isdir(cfg.output_dir):  # --overwrite (checked earlier): swap, then delete the old one
-        old = staging + ".old"
-        os.replace(cfg.output_dir, old)
-        os.replace(final, cfg.output_dir)
-        shutil.rmtree(old)
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.output_dir)), exist_ok=True)
-        os.replace(final, cfg.output_dir)
+    """Write the pipeline beside the output folder, then move it into place in one rename."""
+
+    def write(folder: Path) -> None:
+        start = time.perf_counter()
+        pipe.save_pretrained(folder, safe_serialization=True)
+        record["seconds"]["save"] = time.perf_counter() - start
+        shutil.copy(os.path.join(staging, "saliency_mask.safetensors"), folder / "saliency_mask.safetensors")
+        write_json(record, folder / "erase_config.json")
+
+    replace_dir(cfg.output_dir, write)  # --overwrite was checked before any work
     shutil.rmtree(staging, ignore_errors=True)
-
-
-def quiet_libraries() -> None:
-    """Keep the command's stderr to progress bars and real problems."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         out = train(cfg)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
     print(f"erased {cfg.concept or 'custom concept'} with {cfg.method}: {out}")
     return 0

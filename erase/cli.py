@@ -1,0 +1,143 @@
+"""What every command shares: options from a dataclass, one-line errors, quiet libraries, the
+versions written into every output, the default device, and checks of input made before any
+model is loaded or image generated."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = [
+    "add_dataclass_arguments",
+    "check_model",
+    "check_positive",
+    "check_prompts",
+    "check_writable",
+    "default_device",
+    "one_line_errors",
+    "quiet_libraries",
+    "versions",
+]
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, aliases: Mapping[str, Iterable[str]] = {},
+                            skip: Iterable[str] = (), suppress: bool = False) -> None:
+    """One `--dashed-name` option per field of the dataclass `cls` (its underscore spelling is an
+    alias, as in diffusers' scripts), with the field's `help`. `bool` fields are flags,
+    `list[str]` fields repeat (`--x a --x b`), `T | None` fields take a T. With `suppress`, options
+    not given are absent from the result (so a caller can layer defaults)."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        names = list(dict.fromkeys([*aliases.get(f.name, ()), "--" + f.name.replace("_", "-"), "--" + f.name]))
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help")}
+        if not suppress:
+            kwargs["default"] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        else:
+            kwargs["default"] = argparse.SUPPRESS
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(*names, action="store_true", **kwargs)
+        elif kind == "list[str]":
+            parser.add_argument(*names, action="append", **kwargs)
+        else:
+            parser.add_argument(*names, type=_TYPES.get(kind.removesuffix(" | None"), str), **kwargs)
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Bad command-line input ends with one `error:` line on stderr and exit status 2."""
+
+    def error(message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def quiet_libraries(progress_bars: bool = True) -> None:
+    """Keep a command's stderr to its own progress bars and one-line errors: no library notes
+    (and, with `progress_bars=False`, no library loading bars either)."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        if not progress_bars:
+            library.utils.logging.disable_progress_bar()
+
+
+_VERSIONED = ("erase", "torch", "diffusers", "transformers", "accelerate", "safetensors", "torchmetrics", "nudenet",
+              "onnxruntime", "scikit-learn", "numpy", "torch-fidelity")
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything installed that can change a number this toolkit writes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def default_device() -> str:
+    """`cuda` where there is one, else `cpu` (the default of `--device` in the app and eval)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_positive(**values: float | int | None) -> None:
+    """Each value, where given, must be > 0."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_prompts(name: str, prompts: Iterable[str]) -> None:
+    """Every prompt must hold some text."""
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{name.replace('_', '-')} must not be empty")
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """The nearest existing folder on `path`'s way must be writable (nothing is created here)."""
+    path = Path(path).absolute()
+    if path.is_dir() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} folder {path} is not writable")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the {what} {path}: {parent} is not a writable folder")
+    if path.exists() and not path.is_dir() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path} is not writable")
+
+
+def check_model(name_or_path: str, what: str = "model") -> None:
+    """`digits`, a hub id, or a local diffusers pipeline folder (with model_index.json). A hub id
+    is checked when it is loaded; a local path here."""
+    if name_or_path == "digits":
+        return
+    path = Path(name_or_path)
+    if not (path.is_absolute() or name_or_path.startswith(".") or path.exists()):
+        return
+    if not path.is_dir():
+        raise ValueError(f"{what} folder not found: {name_or_path}")
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"{name_or_path} is not a diffusers pipeline folder (no model_index.json)")
