@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from erase.atomic import write_json
+from erase.cli import (
+    add_dataclass_arguments,
+    check_positive,
+    check_writable,
+    one_line_errors,
+)
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask
 
 logger = logging.getLogger(__name__)
@@ -106,6 +113,16 @@ def _load_cifar10() -> Dataset:
     train_x, train_y = to_tensors(ds["train"])
     test_x, test_y = to_tensors(ds["test"])
     return Dataset("cifar10", train_x, train_y, test_x, test_y, 10)
+
+
+def check_forget_spec(spec: str) -> None:
+    """The form of a forget spec, checked before any data is loaded (parse_forget checks the rest)."""
+    kind, _, arg = spec.partition(":")
+    fraction_ok = kind != "random" or (arg.replace(".", "", 1).isdigit() and 0 < float(arg) < 1)
+    if kind not in ("random", "class", "indices") or not arg or not fraction_ok:
+        raise ValueError(f"cannot parse forget set {spec!r}: use random:FRACTION (0<F<1), class:K, or indices:FILE.json")
+    if kind == "indices" and not os.path.isfile(arg):
+        raise ValueError(f"forget indices file not found: {arg}")
 
 
 def parse_forget(spec: str, train_y: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -284,8 +301,8 @@ class UnlearnConfig:
     mask_ratio: float = field(default=0.5, metadata={"help": "fraction of weights SalUn may update, in (0, 1]"})
     label_noise: float = field(default=0.0, metadata={"help": "fraction of training labels flipped to a random other class, in [0, 1)"})
     l1: float = field(default=5e-4, metadata={"help": "initial l1 penalty of l1-sparse"})
-    batch_size: int = 64
-    seed: int = 0
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    seed: int = field(default=0, metadata={"help": "data split, forget set, weights and batches"})
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -297,6 +314,10 @@ class UnlearnConfig:
             self.lr = DEFAULT_LR[self.method]
         if self.lr <= 0 or self.epochs < 1 or self.train_epochs < 1:
             raise ValueError("lr must be > 0 and epochs >= 1")
+        check_positive(train_lr=self.train_lr, batch_size=self.batch_size)
+        if self.l1 < 0:
+            raise ValueError(f"l1 must be >= 0, got {self.l1}")
+        check_forget_spec(self.forget)
         if not 0 <= self.label_noise < 1:
             raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
 
@@ -367,19 +388,18 @@ def run(cfg: UnlearnConfig, device: str | torch.device = "cpu", original: nn.Mod
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m erase.classifier", description=__doc__.split("\n\n")[0])
-    for f in UnlearnConfig.__dataclass_fields__.values():
-        kind = {"int": int, "float": float, "float | None": float}.get(str(f.type), str)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata.get("help"))
+    parser = one_line_errors(argparse.ArgumentParser(prog="python -m erase.classifier", description=__doc__.split("\n\n")[0]))
+    add_dataclass_arguments(parser, UnlearnConfig)
     parser.add_argument("--out", required=True, help="JSON report path")
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     logging.basicConfig(level=logging.WARNING)
     try:
         cfg = UnlearnConfig(**args)
+        check_writable(out, "report")
         report = run(cfg)
     except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
     write_json(report, out)
     m = report["metrics"]
