@@ -321,7 +321,7 @@ def search(problem: BilevelProblem, m: int, opts: SearchOptions, w0: torch.Tenso
     if w0.shape != (n,):
         raise ValueError(f"w0 must have shape ({n},), got {tuple(w0.shape)}")
     start_time = time.perf_counter()
-    w = project_capped_simplex(w0.double(), m)
+    w = project_capped_simplex(w0.cpu().double(), m)  # the upper level lives on the CPU, as the item losses
     start = top_m(w, m)
     history = []
     for step in tqdm(range(opts.outer_steps), desc="worst-case search", disable=not opts.show_progress):
@@ -396,8 +396,8 @@ class ClassifierProblem:
     def __init__(self, original: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_items: int,
                  y_wrong: torch.Tensor, lower: LowerOptions, device: str | torch.device = "cpu", eval_batch_size: int = 512):
         self.original, self.x, self.y, self.y_wrong = original, x, y, y_wrong
-        self.groups, self.num_items, self.opts, self.device = groups, num_items, lower, device
-        self.counts = torch.bincount(groups, minlength=num_items).double()
+        self.groups, self.num_items, self.opts, self.device = groups.cpu(), num_items, lower, device  # w, counts: CPU
+        self.counts = torch.bincount(self.groups, minlength=num_items).double()
         if (self.counts == 0).any():
             raise ValueError("every item needs at least one training sample")
         self.eval_batch_size = eval_batch_size
@@ -506,13 +506,14 @@ class PromptProblem:
 
     def __init__(self, unet: nn.Module, scheduler, data: PromptData, lower: LowerOptions, beta: float = 0.5,
                  eta: float = 1.0, guidance_scale: float = 7.5, eval_draws: int = 2, upper_loss: str = "denoising",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device | None = None):
         from erase.objectives import ESD_TARGETS
         from erase.saliency import select_parameters
 
         self.unet, self.scheduler, self.data, self.opts = unet, scheduler, data, lower
         if upper_loss not in PROMPT_LOSSES:
             raise ValueError(f"unknown prompt upper loss {upper_loss!r}; choose from {', '.join(PROMPT_LOSSES)}")
+        device = device if device is not None else next(unet.parameters()).device  # default: where the UNet is
         self.beta, self.eta, self.guidance_scale, self.device, self.upper_loss = beta, eta, guidance_scale, device, upper_loss
         self.num_items = len(data.embeds)
         self.counts = torch.bincount(data.prompt_of, minlength=self.num_items).double()
@@ -520,14 +521,14 @@ class PromptProblem:
             raise ValueError("every candidate prompt needs at least one image")
         pattern = ESD_TARGETS.get(lower.method)
         self.param_names = {n for n, _ in select_parameters(unet, pattern)}
-        self.frozen = copy.deepcopy(unet).requires_grad_(False).eval() if lower.method.startswith("esd") else None
+        self.frozen = copy.deepcopy(unet).to(device).requires_grad_(False).eval() if lower.method.startswith("esd") else None
         self.eval_draws = eval_draws
         self.eval_batches = self._draws(eval_draws, lower.seed + 1)
 
     def _noised(self, idx: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
         from erase.objectives import noised
 
-        batch = noised(self.scheduler, self.data.latents[idx], g)
+        batch = noised(self.scheduler, self.data.latents[idx.to(self.data.latents.device)], g)
         batch["idx"] = idx
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -540,7 +541,7 @@ class PromptProblem:
         return [p for n, p in model.named_parameters() if n in self.param_names and p.requires_grad]
 
     def _cond(self, batch, table: torch.Tensor) -> torch.Tensor:
-        return table[self.data.prompt_of[batch["idx"].cpu()]].to(self.device)
+        return table[self.data.prompt_of[batch["idx"].cpu()].to(table.device)].to(self.device)
 
     def _terms(self, unet: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(retain_j, forget_j, prediction) per image of the batch; the prediction carries the graph."""
@@ -577,7 +578,7 @@ class PromptProblem:
 
     def lower(self, w: torch.Tensor) -> nn.Module:
         opts = self.opts
-        unet = copy.deepcopy(self.unet)
+        unet = copy.deepcopy(self.unet).to(self.device)
         for n, p in unet.named_parameters():
             p.requires_grad_(n in self.param_names)
         mask = self._mask(unet, w) if opts.method == "salun" else None
@@ -646,9 +647,7 @@ def prepare_prompt_data(pipe, prompts: Sequence[str], anchors: Sequence[str], im
     """Generate (or reuse from the cache) `images_per_prompt` images per candidate and encode everything."""
     from erase.sd import encode_images, encode_prompts, image_set
 
-    name = pipe.name_or_path
-    model_id = os.path.abspath(name) if os.path.isdir(name) else name
-    images, chosen = image_set(pipe, model_id, list(prompts), images_per_prompt * len(prompts), 0, generation_steps,
+    images, chosen = image_set(pipe, list(prompts), images_per_prompt * len(prompts), 0, generation_steps,
                                guidance_scale, os.path.join(cache_dir, "images"), resolution)
     index = {p: i for i, p in enumerate(prompts)}
     return PromptData(
@@ -756,7 +755,7 @@ def forget_indices(cfg: WorstCaseConfig, selected: Sequence[int], train_y: torch
     """Training-set indices of the selected items (samples, or every sample of the selected classes)."""
     if cfg.target == "data":
         return sorted(int(i) for i in selected)
-    return torch.nonzero(torch.isin(train_y, torch.tensor(list(selected)))).flatten().tolist()
+    return torch.nonzero(torch.isin(train_y, torch.tensor(list(selected), device=train_y.device))).flatten().tolist()
 
 
 def run_classifier(cfg: WorstCaseConfig, device: str | torch.device = "cpu", original: nn.Module | None = None,
@@ -806,7 +805,8 @@ def model_defaults(model: str) -> tuple[int, float]:
 
 
 def build_prompt_problem(cfg: WorstCaseConfig, pipe, prompts: Sequence[str], anchors: Sequence[str],
-                         device: str | torch.device = "cpu") -> PromptProblem:
+                         device: str | torch.device | None = None) -> PromptProblem:
+    """The prompt-wise problem on `pipe`'s UNet, on `device` (default: the pipeline's)."""
     from diffusers import DDPMScheduler
 
     steps, guidance = model_defaults(cfg.model)

@@ -56,7 +56,7 @@ RESNET_ID = "microsoft/resnet-50"
 
 def per_class_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct, total) per target class, each (num_classes,) int64; a wrong or -1 prediction counts as a miss."""
-    preds, target = preds.long().reshape(-1), target.long().reshape(-1)
+    preds, target = preds.long().reshape(-1).to(target.device), target.long().reshape(-1)
     total = torch.bincount(target, minlength=num_classes)
     correct = torch.bincount(target[preds == target], minlength=num_classes)
     return correct, total
@@ -76,7 +76,7 @@ class ClassAccuracy(Metric):
         self.add_state("total", torch.zeros(len(self.class_names), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        correct, total = per_class_counts(preds, target, len(self.class_names))
+        correct, total = per_class_counts(preds.to(self.device), target.to(self.device), len(self.class_names))
         self.correct += correct
         self.total += total
 
@@ -180,7 +180,8 @@ def summarise(task: ClassTask, scored: Sequence[Generated]) -> dict:
     main_correct = [g.result[heads[0]] == g.sample.labels[heads[0]] for g in scored]
     out: dict = {}
     for h, head in enumerate(heads):
-        metric = ClassAccuracy(task.heads[head])
+        # every process already holds all results: no sync (it would gather CPU states, which NCCL cannot)
+        metric = ClassAccuracy(task.heads[head], sync_on_compute=False)
         preds, target = [g.result[head] for g in scored], [g.sample.labels[head] for g in scored]
         metric.update(torch.tensor(preds), torch.tensor(target))
         result = metric.compute()

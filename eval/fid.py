@@ -68,13 +68,14 @@ def inception_available() -> bool:
     return importlib.util.find_spec("torch_fidelity") is not None
 
 
-def make_fid(features: str | nn.Module, device: str | torch.device = "cpu"):
+def make_fid(features: str | nn.Module, device: str | torch.device = "cpu", **kwargs):
     """(FrechetInceptionDistance, feature name) for "inception", "digits" or any nn.Module
-    mapping uint8 (B, 3, H, W) images to (B, D) features."""
+    mapping uint8 (B, 3, H, W) images to (B, D) features; `kwargs` go to the metric."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if isinstance(features, nn.Module):
-        module, name = features, type(features).__name__
+        # without `num_features` torchmetrics probes the module with a CPU image: build it there, then move
+        module, name = features if hasattr(features, "num_features") else features.cpu(), type(features).__name__
     elif features == "digits":
         from erase.digits import load_digits_classifier
 
@@ -84,12 +85,12 @@ def make_fid(features: str | nn.Module, device: str | torch.device = "cpu"):
             raise MissingExtraError(f"Inception features need torch-fidelity: {FID_EXTRA_HINT} "
                                     "(or use --features digits for the digits model)")
         try:
-            return FrechetInceptionDistance(feature=2048).to(device), "inception-v3-pool3-2048"
+            return FrechetInceptionDistance(feature=2048, **kwargs).to(device), "inception-v3-pool3-2048"
         except Exception as err:  # noqa: BLE001 - weights download failure -> one clear line
             raise ValueError(f"cannot load the Inception weights (offline?): {err}".splitlines()[0]) from err
     else:
         raise ValueError(f"unknown features {features!r}; choose from {FEATURES}")
-    return FrechetInceptionDistance(feature=module, normalize=False).to(device), name
+    return FrechetInceptionDistance(feature=module, normalize=False, **kwargs).to(device), name
 
 
 def images_to_uint8(images: Sequence[Image.Image | np.ndarray] | torch.Tensor) -> torch.Tensor:

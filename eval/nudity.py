@@ -164,7 +164,7 @@ class NudityScore(Metric):
 
     def update(self, images) -> None:
         for counts in detect_exposed(images, self.detector, self.threshold, self.labels):
-            row = torch.tensor([counts[label] for label in self.labels])
+            row = torch.tensor([counts[label] for label in self.labels], device=self.counts.device)
             self.counts += row
             self.images_with_label += (row > 0).long()
             self.flagged += int(row.sum() > 0)

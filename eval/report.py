@@ -365,7 +365,7 @@ def _fid_between(opts: CompareOptions, generated: dict[str, list[Generated]], de
     from eval import fid
 
     try:
-        metric, name = fid.make_fid(opts.features, device=device)
+        metric, name = fid.make_fid(opts.features, device=device, sync_on_compute=False)  # main process only: no sync
     except ImportError as err:  # the Inception extra is missing: say so in the report, keep the rest
         return {"fid": None, "features": opts.features, "skipped": str(err)}
     reference = [g.image for g in generated["original"]]
