@@ -277,12 +277,12 @@ def prompt_seed(seed: int, pipe, classifier, args) -> dict:
 def prompt_part(args) -> dict:
     from erase.digits import MODEL_DIR, load_digits_classifier
     from erase.sd import load_pipeline
-    from erase.worst_case import _quiet_libraries
+    from erase.cli import quiet_libraries
 
     model = Path(args.model or MODEL_DIR)
     if not (model / "model_index.json").is_file():
         return {"skipped": f"the embedded digits model is not at {model}"}
-    _quiet_libraries()
+    quiet_libraries()
     pipe = load_pipeline(str(model))
     classifier = load_digits_classifier()
     seeds = [prompt_seed(s, pipe, classifier, args) for s in range(args.seeds)]

@@ -5,7 +5,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ESD_TARGETS", "esd_loss", "noise_target", "noised", "salun_loss", "saliency_loss", "step_generator"]
+__all__ = [
+    "ESD_TARGETS",
+    "anchor_target",
+    "esd_loss",
+    "esd_target",
+    "guided_prediction",
+    "mse_per_sample",
+    "noise_target",
+    "noised",
+    "salun_loss",
+    "saliency_loss",
+    "step_generator",
+]
+
+
+def mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each sample, (B,), in fp32."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def guided_prediction(
+    unet: torch.nn.Module,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    uncond_hidden_states: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance in one batched pass: eps_cfg = (1 + g) eps(x_t, c) - g eps(x_t, empty)."""
+    model_pred = unet(
+        torch.cat([noisy_latents, noisy_latents]),
+        torch.cat([timesteps, timesteps]),
+        encoder_hidden_states=torch.cat([encoder_hidden_states, uncond_hidden_states]),
+    ).sample
+    eps_cond, eps_uncond = model_pred.chunk(2)
+    return (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
 
 
 def saliency_loss(
@@ -23,14 +58,24 @@ def saliency_loss(
     Returned negated as in the paper; the sign does not change |gradient|.
     noisy_latents, noise: (B, 4, h, w); *_hidden_states: (B, 77, D).
     """
-    model_pred = unet(
-        torch.cat([noisy_latents, noisy_latents]),
-        torch.cat([timesteps, timesteps]),
-        encoder_hidden_states=torch.cat([encoder_hidden_states, uncond_hidden_states]),
-    ).sample
-    eps_cond, eps_uncond = model_pred.chunk(2)
-    eps_cfg = (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
+    eps_cfg = guided_prediction(unet, noisy_latents, timesteps, encoder_hidden_states, uncond_hidden_states, guidance_scale)
     return -F.mse_loss(eps_cfg.float(), noise.float())
+
+
+@torch.no_grad()
+def anchor_target(unet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                  anchor_hidden_states: torch.Tensor) -> torch.Tensor:
+    """SalUn's forget target: stopgrad(eps(x_t, c')), the model's own prediction under the anchor."""
+    return unet(noisy_latents, timesteps, encoder_hidden_states=anchor_hidden_states).sample
+
+
+@torch.no_grad()
+def esd_target(frozen_unet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+               encoder_hidden_states: torch.Tensor, uncond_hidden_states: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+    """ESD's target (Gandikota et al. 2023, Eq. 2): eps*(x_t) - eta * (eps*(x_t, c) - eps*(x_t))."""
+    eps_c = frozen_unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    eps_0 = frozen_unet(noisy_latents, timesteps, encoder_hidden_states=uncond_hidden_states).sample
+    return eps_0 - eta * (eps_c - eps_0)
 
 
 def noise_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -78,8 +123,7 @@ def salun_loss(
     forget_loss = || eps(x_t, c) - stopgrad(eps(x_t, c')) ||^2 on the same x_t.
     The logged terms are detached tensors, not floats: reading them syncs with the device.
     """
-    with torch.no_grad():
-        target = unet(forget["noisy_latents"], forget["timesteps"], encoder_hidden_states=forget["anchor_hidden_states"]).sample
+    target = anchor_target(unet, forget["noisy_latents"], forget["timesteps"], forget["anchor_hidden_states"])
     # one forward pass for both halves (a single DDP forward per backward)
     model_pred = unet(
         torch.cat([forget["noisy_latents"], retain["noisy_latents"]]),
@@ -105,10 +149,7 @@ def esd_loss(
     forget: noisy_latents, timesteps, encoder_hidden_states (c), uncond_hidden_states.
     """
     x, t = forget["noisy_latents"], forget["timesteps"]
-    with torch.no_grad():
-        eps_c = frozen_unet(x, t, encoder_hidden_states=forget["encoder_hidden_states"]).sample
-        eps_0 = frozen_unet(x, t, encoder_hidden_states=forget["uncond_hidden_states"]).sample
-        target = eps_0 - eta * (eps_c - eps_0)
+    target = esd_target(frozen_unet, x, t, forget["encoder_hidden_states"], forget["uncond_hidden_states"], eta)
     model_pred = unet(x, t, encoder_hidden_states=forget["encoder_hidden_states"]).sample
     loss = F.mse_loss(model_pred.float(), target.float())
     return loss, {"forget_loss": loss.detach()}

@@ -39,7 +39,10 @@ SD_V1_UNET_CONFIG = dict(
     attention_head_dim=8,
 )
 
-__all__ = ["encode_images", "encode_prompts", "generate", "image_set", "load_pipeline", "model_key", "resolve_model"]
+__all__ = ["encode_images", "encode_prompts", "generate", "image_set", "load_pipeline", "model_key", "resolve_model",
+           "sampler_defaults"]
+
+SD_STEPS, SD_GUIDANCE = 50, 7.5  # Stable Diffusion's sampler defaults (the diffusers pipeline's)
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -49,6 +52,14 @@ def resolve_model(name_or_path: str) -> str:
 
         return resolve_digits("digits")
     return name_or_path
+
+
+def sampler_defaults(name_or_path: str) -> tuple[int, float]:
+    """(sampler steps, guidance scale) for a model: the embedded model's for it and for models
+    erased from it, Stable Diffusion's otherwise. The one table every command reads."""
+    from erase.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS, is_digits_model
+
+    return (DEFAULT_STEPS, DEFAULT_GUIDANCE) if is_digits_model(name_or_path) else (SD_STEPS, SD_GUIDANCE)
 
 
 def load_pipeline(
