@@ -30,7 +30,7 @@ demo: $(DEMO_MODEL)/erase_config.json $(DEMO_REPORT)/report.md
 	@cat $(DEMO_REPORT)/report.md
 	@echo
 	@echo "Before/after image grid: $(DEMO_REPORT)/grid.png"
-	@echo "Open the demo app:  $(PY) app.py   then browse to http://127.0.0.1:7860"
+	@echo "Open the demo app:  $(PY) app.py   then browse to the address it prints (http://127.0.0.1:7860 when free)"
 
 $(DEMO_MODEL)/erase_config.json: $(VENV)/.installed
 	$(VENV)/bin/accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \

@@ -27,12 +27,11 @@ from PIL import Image  # noqa: E402
 
 from erase.concepts import available_concepts, load_concept  # noqa: E402
 from erase.digits import is_digits_model  # noqa: E402
-from erase.sd import generate, load_pipeline  # noqa: E402
+from erase.cli import check_model, default_device, quiet_libraries  # noqa: E402
+from erase.sd import generate, load_pipeline, sampler_defaults  # noqa: E402
 
 DEMO_ERASED = Path(__file__).resolve().parent / "demo" / "seven-erased"
 MAX_STEPS, MAX_IMAGES, MAX_GUIDANCE = 100, 8, 30.0
-SD_DEFAULTS = {"steps": 50, "guidance": 7.5}
-DIGITS_DEFAULTS = {"steps": 25, "guidance": 5.0}
 Labeller = Callable[[list[Image.Image]], list[str]]
 
 
@@ -158,16 +157,6 @@ def make_labeller(kind: str, device: str) -> Labeller | None:
     return None
 
 
-def _quiet_libraries() -> None:
-    """Keep the console to the server's address and real problems (no loading bars or library notes)."""
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--original", default="digits", help="model before erasure: digits, a folder or a hub id")
@@ -175,9 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", choices=["auto", "digits", "nudenet", "none"], default="auto",
                         help="image captions: digits classifier, NudeNet, or none (auto: by model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=None,
+                        help="port (default: $GRADIO_SERVER_PORT, else the first free one from 7860, as Gradio does)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda where there is one)")
     return parser.parse_args(argv)
 
 
@@ -186,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.erased == str(DEMO_ERASED) and not DEMO_ERASED.is_dir():
         print(f"error: {DEMO_ERASED} does not exist: run `make demo` first, or pass --erased FOLDER", file=sys.stderr)
         return 2
-    _quiet_libraries()
+    quiet_libraries(progress_bars=False)
     digits = is_digits_model(args.original)
     kind = args.labels if args.labels != "auto" else ("digits" if digits else "nudenet")
+    steps, guidance = sampler_defaults(args.original)
     try:
-        app = build_app(args.original, args.erased, make_labeller(kind, args.device), args.device,
-                        **(DIGITS_DEFAULTS if digits else SD_DEFAULTS))
+        check_model(args.original, "original model")
+        check_model(args.erased, "erased model")
+        app = build_app(args.original, args.erased, make_labeller(kind, args.device), args.device, steps=steps, guidance=guidance)
     except (ValueError, OSError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -22,22 +22,25 @@ from collections.abc import Sequence
 
 import torch
 
+from erase.cli import (
+    check_model,
+    check_positive,
+    check_writable,
+    one_line_errors,
+    quiet_libraries,
+)
 from erase.digits import is_digits_model
 
 logger = logging.getLogger("eval")
 
-SD_STEPS, SD_GUIDANCE = 50, 7.5  # defaults for Stable Diffusion models (the diffusers defaults)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def sampler_defaults(model: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
-    """Steps and guidance: as given, else the digits model's defaults, else Stable Diffusion's."""
-    if is_digits_model(model):
-        from erase.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    """Steps and guidance: as given, else the model's (erase.sd.sampler_defaults)."""
+    from erase.sd import sampler_defaults as defaults
 
-        default_steps, default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
-    else:
-        default_steps, default_guidance = SD_STEPS, SD_GUIDANCE
+    default_steps, default_guidance = defaults(model)
     return (steps or default_steps), (default_guidance if guidance is None else guidance)
 
 
@@ -61,8 +64,8 @@ def run_classes(args, state) -> dict:
 
 
 def run_nudity(args, state) -> dict:
+    from eval.generate import image_paths
     from eval.nudity import default_detector, protocol
-    from eval.report import image_paths
 
     detector = default_detector()
     if args.images:
@@ -76,9 +79,9 @@ def run_nudity(args, state) -> dict:
 
 
 def _nudity_generated(args, state, detector) -> dict:
+    from erase.atomic import shared_output_dir
     from erase.sd import load_pipeline, resolve_model
     from eval.nudity import evaluate_nudity, load_prompt_rows, prompt_samples, protocol
-    from eval.report import shared_output_dir
 
     steps, default_guidance = sampler_defaults(args.model, args.steps, None)
     rows, source = load_prompt_rows(args.prompts, args.category, args.limit)
@@ -98,7 +101,7 @@ def _nudity_generated(args, state, detector) -> dict:
 def run_fid(args, state) -> dict:
     from erase.sd import load_pipeline, resolve_model
     from eval.fid import evaluate_fid, make_fid
-    from eval.report import image_paths
+    from eval.generate import image_paths
 
     features = args.features or ("digits" if is_digits_model(args.model) else "inception")
     metric, feature_name = make_fid(features, device=state.device)  # fails early when the extra is missing
@@ -213,10 +216,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-prompts", type=int, default=10, help="prompts shown in the image grid")
     p.add_argument("--out", required=True, help="output folder")
     _sampling_args(p, 4)
-    args = parser.parse_args(argv)
-    if args.images_per_prompt < 1 or args.batch_size < 1:
-        parser.error("--images-per-prompt and --batch-size must be >= 1")
-    return args
+    one_line_errors(parser)
+    for p in sub.choices.values():
+        one_line_errors(p)
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every input of the command, before a model is loaded or an image generated."""
+    check_positive(images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, steps=args.steps,
+                   resolution=args.resolution, limit=getattr(args, "limit", None), grid_prompts=getattr(args, "grid_prompts", None))
+    if args.guidance is not None and args.guidance < 0:
+        raise ValueError(f"guidance must be >= 0, got {args.guidance}")
+    for what in ("model", "reference_model", "original", "erased"):
+        if getattr(args, what, None):
+            check_model(getattr(args, what), what.replace("_", " "))
+    for what in ("images", "reference"):
+        if getattr(args, what, None) and not os.path.isdir(getattr(args, what)):
+            raise ValueError(f"image folder not found: {getattr(args, what)}")
+    prompts = getattr(args, "prompts", None)
+    if prompts and prompts.endswith((".csv", ".txt")) and not getattr(args, "images", None) and not os.path.isfile(prompts):
+        raise ValueError(f"prompts file not found: {prompts}")
+    check_writable(args.out, "report")
+    if getattr(args, "save_images", None):
+        check_writable(args.save_images, "image")
 
 
 def _headline(command: str, report: dict) -> str:
@@ -231,20 +254,16 @@ def _headline(command: str, report: dict) -> str:
     return "report.json, report.md and grid.png written"
 
 
-def _quiet_libraries() -> None:
-    """Keep stderr to progress bars and our own one-line errors (hub retries would add lines)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        print(f"error: {err}".splitlines()[0], file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    _quiet_libraries()
+    quiet_libraries()
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -261,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if state.is_main_process:
         if args.command != "compare":
             from erase.atomic import write_json
-            from eval.report import versions
+            from erase.cli import versions
 
             write_json(report | {"versions": versions()}, args.out)
         print(f"{args.command}: {_headline(args.command, report)} -> {args.out}")

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torchmetrics import Metric
 
-from eval.report import Generated, Sample
+from eval.generate import Generated, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def evaluate_classes(pipe, task: ClassTask, samples: Sequence[Sample], num_infer
                      batch_size: int = 16, height: int | None = None, width: int | None = None,
                      state=None) -> dict:
     """Generate every sample, judge it where it was generated, gather, and summarise."""
-    from eval.report import generate_samples
+    from eval.generate import generate_samples
 
     def score(images: list[Image.Image]) -> list[dict[str, int]]:
         preds = task.predict(images)

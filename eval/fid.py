@@ -150,7 +150,7 @@ def evaluate_fid(pipe, samples, num_inference_steps: int, metric, *, reference_p
 
     Every process feeds its own shard to `metric`; torchmetrics sums the feature statistics over
     processes in `compute()` (called on every process), so no image crosses processes."""
-    from eval.report import generate_samples, score_folder
+    from eval.generate import generate_samples, score_folder
 
     if (reference_pipe is None) == (reference_paths is None):
         raise ValueError("give exactly one of reference_pipe and reference_paths")

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torchmetrics import Metric
 
-from eval.report import Generated, Sample
+from eval.generate import Generated, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def load_prompt_rows(source: str, category: str | None = None, limit: int | None
 
 
 def _read_text_rows(path: str) -> list[dict]:
-    from eval.report import read_prompt_lines
+    from eval.generate import read_prompt_lines
 
     return [{"prompt": p, "seed": None, "guidance": None, "categories": None} for p in read_prompt_lines(path)]
 
@@ -282,7 +282,7 @@ def evaluate_nudity(pipe, samples: Sequence[Sample], num_inference_steps: int, d
                     save_dir: str | os.PathLike | None = None, state=None) -> dict:
     """Generate and score every sample (sharded over `state`'s processes); the summary with
     per-image counts. `save_dir`: also write the images there (see `generate_samples`)."""
-    from eval.report import generate_samples
+    from eval.generate import generate_samples
 
     generated = generate_samples(
         pipe, samples, num_inference_steps, score=lambda ims: detect_exposed(ims, detector), save_dir=save_dir,
@@ -292,7 +292,7 @@ def evaluate_nudity(pipe, samples: Sequence[Sample], num_inference_steps: int, d
 
 def score_images(paths: Sequence[str], detector, *, state=None) -> dict:
     """NudeNet summary of image files (sharded over `state`'s processes)."""
-    from eval.report import score_folder
+    from eval.generate import score_folder
 
     return _report(score_folder(paths, lambda ims: detect_exposed(ims, detector), state=state, desc="NudeNet"))
 

@@ -1,245 +1,33 @@
-"""What every evaluation shares, and `compare`, the before/after report of two models.
-
-* `Sample`: one image to generate (prompt, seed, guidance, the labels it should show);
-* `generate_samples`: generation sharded over Accelerate processes (`split_between_processes`),
-  scored where it was generated, and gathered (`gather_object`) in sample order;
-* reading image folders, and writing JSON, Markdown and PNG grids atomically;
-* `compare`: the same prompts and seeds through the original and the erased model, scored by
-  the metrics of eval/classes.py, eval/nudity.py and eval/fid.py, as JSON + Markdown + PNG.
+"""`compare`: the before/after report of two models. The same prompts and seeds go through the
+original and the erased model, are scored by the metrics of eval/classes.py, eval/nudity.py
+and eval/fid.py, and written as JSON + Markdown + a PNG grid. The report leads with what
+changed for the erased concept and for the concepts meant to be kept.
 
     python -m eval compare digits path/to/erased --out reports/erased-seven
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import platform
-import shutil
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+from PIL import Image
 
 from erase.atomic import replace_dir, write_json
+from erase.cli import versions
+from eval import classes, fid, nudity
+from eval.generate import Generated, Sample, generate_samples
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Generated",
-    "Sample",
-    "compare",
-    "generate_samples",
-    "image_grid",
-    "load_image_folder",
-    "versions",
-]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-@dataclass
-class Sample:
-    """One image to generate; image `index` depends only on (prompt, seed, guidance)."""
-
-    index: int
-    prompt: str
-    seed: int
-    guidance: float
-    labels: dict[str, Any] = field(default_factory=dict)  # e.g. {"digit": 7, "colour": 0}
-
-
-@dataclass
-class Generated:
-    """A generated sample with its per-image score and, when asked for, its pixels (H, W, 3) uint8."""
-
-    sample: Sample
-    result: Any = None
-    image: np.ndarray | None = None
-
-
-def generate_samples(
-    pipe,
-    samples: Sequence[Sample],
-    num_inference_steps: int,
-    *,
-    score: Callable[[list[Image.Image]], list[Any]] | None = None,
-    keep_images: bool = False,
-    save_dir: str | os.PathLike | None = None,
-    batch_size: int = 16,
-    height: int | None = None,
-    width: int | None = None,
-    state=None,
-    desc: str = "generating",
-) -> list[Generated]:
-    """Generate (and score) every sample; with an Accelerate `state` of several processes each
-    process takes a contiguous shard and every process gets all results back, in sample order.
-
-    `score(images)` returns one picklable result per image; it runs where the image was made.
-    `keep_images` gathers the pixels too (memory: every image on every process); `save_dir`
-    instead writes `{index:05d}_seed{seed}.png` there from the process that made it.
-    """
-    from erase.sd import generate
-
-    def run(mine: Sequence[Sample], show: bool) -> list[Generated]:
-        out: list[Generated] = []
-        bar = tqdm(total=len(mine), desc=desc, disable=not show)
-        for batch in _same_guidance_batches(mine, batch_size):
-            images = generate(pipe, [s.prompt for s in batch], [s.seed for s in batch], num_inference_steps,
-                              batch[0].guidance, batch_size=len(batch), height=height, width=width)
-            results = score(images) if score is not None else [None] * len(images)
-            for s, im, r in zip(batch, images, results, strict=True):
-                out.append(Generated(s, r, np.asarray(im.convert("RGB")) if keep_images else None))
-                if save_dir is not None:
-                    im.save(Path(save_dir) / image_name(s))
-            bar.update(len(batch))
-        bar.close()
-        return out
-
-    return _sharded(list(samples), run, state)
-
-
-def _sharded(items: list, run: Callable[[list, bool], list[Generated]], state) -> list[Generated]:
-    """run() over this process's shard of `items`, then gather every shard, sorted by sample index."""
-    if state is None or state.num_processes == 1:
-        results = run(items, True)
-    else:
-        from accelerate.utils import gather_object
-
-        with state.split_between_processes(items) as mine:
-            results = run(list(mine), state.is_main_process)
-        results = gather_object(results)
-    return sorted(results, key=lambda g: g.sample.index)
-
-
-def _same_guidance_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    """Batches of at most `batch_size` samples sharing one guidance scale (I2P rows differ)."""
-    groups: dict[float, list[Sample]] = defaultdict(list)
-    for s in samples:
-        groups[s.guidance].append(s)
-    for group in groups.values():
-        for i in range(0, len(group), batch_size):
-            yield group[i : i + batch_size]
-
-
-def score_folder(
-    paths: Sequence[str],
-    score: Callable[[list[Image.Image]], list[Any]],
-    *,
-    batch_size: int = 16,
-    state=None,
-    desc: str = "scoring",
-) -> list[Generated]:
-    """Score image files (sharded like `generate_samples`); sample.prompt holds the file name."""
-    items = [Sample(i, os.path.basename(p), -1, 0.0, {"path": p}) for i, p in enumerate(paths)]
-
-    def run(mine: Sequence[Sample], show: bool) -> list[Generated]:
-        out: list[Generated] = []
-        for i in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not show):
-            batch = mine[i : i + batch_size]
-            results = score([read_image(s.labels["path"]) for s in batch])
-            out += [Generated(s, r) for s, r in zip(batch, results, strict=True)]
-        return out
-
-    return _sharded(items, run, state)
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image, or a ValueError naming the file."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: {err}".splitlines()[0]) from err
-
-
-def image_paths(folder: str | os.PathLike) -> list[str]:
-    """Image files (by suffix) directly in `folder`, sorted by name; an error if there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"image folder not found: {folder}")
-    paths = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return paths
-
-
-def load_image_folder(folder: str | os.PathLike) -> list[Image.Image]:
-    """Every image of `folder` (see `image_paths`) as RGB; a ValueError for an unreadable file."""
-    return [read_image(p) for p in image_paths(folder)]
-
-
-def read_prompt_lines(path: str | os.PathLike) -> list[str]:
-    """Non-empty lines of a text file, one prompt each."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read prompts file {path}: {err}".splitlines()[0]) from err
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"no prompts in {path}")
-    return prompts
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def image_name(sample: Sample) -> str:
-    return f"{sample.index:05d}_seed{sample.seed}.png"
-
-
-@contextmanager
-def shared_output_dir(target: str | os.PathLike | None, state=None) -> Iterator[Path | None]:
-    """A temporary folder every process may write into, swapped in place of `target` by the main
-    process when the block succeeds and removed when it fails (nothing half-written is left)."""
-    if target is None:
-        yield None
-        return
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.partial")  # the same name in every process
-    main = state is None or state.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if state is not None:
-        state.wait_for_everyone()
-    try:
-        yield tmp
-        if state is not None:
-            state.wait_for_everyone()
-        if main:
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-    finally:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def versions() -> dict[str, str]:
-    """Versions of everything that can change a number in a report."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "accelerate", "torchmetrics", "nudenet", "onnxruntime"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+__all__ = ["CompareOptions", "compare", "compare_markdown", "image_grid"]
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], cell: int = 96) -> Image.Image:
@@ -295,25 +83,32 @@ class CompareOptions:
 
 def compare(opts: CompareOptions, out_dir: str | os.PathLike, *, device="cpu", dtype=torch.float32,
             state=None) -> dict:
-    """Generate the same samples with both models, score both, write report.json, report.md, grid.png."""
+    """Generate the same samples with both models, score both, write report.json, report.md, grid.png.
+    Both models are loaded (on the CPU) before any image is generated: a bad second model fails first."""
     from erase.sd import load_pipeline, resolve_model
 
+    pipes = {role: load_pipeline(model, device="cpu", dtype=dtype) for role, model in
+             (("original", opts.original), ("erased", opts.erased))}
     samples, task = _compare_samples(opts, device)
     generated = {}
-    for role, model in (("original", opts.original), ("erased", opts.erased)):
-        pipe = load_pipeline(model, device=device, dtype=dtype)
+    for role, pipe in pipes.items():
+        pipe.to(device)
         generated[role] = generate_samples(
             pipe, samples, opts.num_inference_steps, keep_images=True, batch_size=opts.batch_size,
             height=opts.resolution, width=opts.resolution, state=state, desc=f"generating ({role})")
-        del pipe
+        pipe.to("cpu")
+    del pipes
     report = {"options": asdict(opts), "models": {r: resolve_model(m) for r, m in
                                                   (("original", opts.original), ("erased", opts.erased))},
               "samples": [asdict(g.sample) for g in generated["original"]], "versions": versions(),
               "num_processes": 1 if state is None else state.num_processes}
     if state is not None and not state.is_main_process:
         return report
+    concept = erased_concept(opts.erased, task)
+    if concept is not None:
+        report["concept"] = concept
     for role in ("original", "erased"):
-        report[role] = _score(opts, task, generated[role], device)
+        report[role] = _score(opts, task, generated[role], concept)
     if "fid" in opts.metrics:
         report["fid_erased_vs_original"] = _fid_between(opts, generated, device)
     grid, grid_prompts = _compare_grid(generated, opts.grid_prompts)
@@ -328,9 +123,42 @@ def compare(opts: CompareOptions, out_dir: str | os.PathLike, *, device="cpu", d
     return report
 
 
+def erased_concept(erased: str, task) -> dict | None:
+    """The concept that the erased model's erase_config.json names, located among the class task's
+    heads ({"name", "target", "head", "class"}); None without a record, a task, or a matching head."""
+    from erase.sd import resolve_model
+
+    try:
+        record = json.loads((Path(resolve_model(erased)) / "erase_config.json").read_text())
+        name, target = record["concept"]["name"], record["concept"].get("target") or {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for head, value in target.items():
+        if task is None or head not in task.heads:
+            continue
+        names = task.heads[head]
+        index = value if isinstance(value, int) else names.index(value) if value in names else None
+        if index is not None and 0 <= index < len(names):
+            return {"name": name, "target": target, "head": head, "class": names[index], "class_index": index}
+    return None
+
+
+def concept_rates(task, scored: Sequence[Generated], concept: dict) -> dict:
+    """How often the erased concept's own images still show it, and how well the images that do not
+    show it keep every head's classes (mean over classes of the per-class accuracy)."""
+    head, index = concept["head"], concept["class_index"]
+    own = [g for g in scored if g.sample.labels[head] == index]
+    others = [g for g in scored if g.sample.labels[head] != index]
+    retained = {}
+    for h, names in task.heads.items():
+        per_class = [[g.result[h] == c for g in others if g.sample.labels[h] == c] for c in range(len(names))]
+        retained[h] = float(np.mean([np.mean(hits) for hits in per_class if hits]))
+    return {"shown": float(np.mean([g.result[head] == index for g in own])) if own else None,
+            "num_images": len(own), "retained_mean_accuracy": retained, "num_retained_images": len(others)}
+
+
 def _compare_samples(opts: CompareOptions, device) -> tuple[list[Sample], Any]:
     """Class prompts when class accuracy is asked for, else the prompts file (CSV or text)."""
-    from eval import classes, nudity
 
     task = None
     if "classes" in opts.metrics:
@@ -344,15 +172,15 @@ def _compare_samples(opts: CompareOptions, device) -> tuple[list[Sample], Any]:
     return samples, task
 
 
-def _score(opts: CompareOptions, task, generated: list[Generated], device) -> dict:
-    from eval import classes, nudity
-
+def _score(opts: CompareOptions, task, generated: list[Generated], concept: dict | None) -> dict:
     images = [Image.fromarray(g.image) for g in generated]
     out: dict = {}
     if task is not None:
         predictions = task.predict(images)
         scored = [Generated(g.sample, {h: int(p[i]) for h, p in predictions.items()}) for i, g in enumerate(generated)]
         out["classes"] = classes.summarise(task, scored)
+        if concept is not None:
+            out["concept"] = concept_rates(task, scored, concept)
     if "nudity" in opts.metrics:
         detector = nudity.default_detector()
         per_image = nudity.detect_exposed(images, detector)
@@ -362,7 +190,6 @@ def _score(opts: CompareOptions, task, generated: list[Generated], device) -> di
 
 def _fid_between(opts: CompareOptions, generated: dict[str, list[Generated]], device) -> dict:
     """FID of the erased model's images against the original model's images (same prompts, seeds)."""
-    from eval import fid
 
     try:
         metric, name = fid.make_fid(opts.features, device=device, sync_on_compute=False)  # main process only: no sync
@@ -398,8 +225,21 @@ def compare_markdown(report: dict) -> str:
     lines = [f"# Before / after: `{o['original']}` -> `{o['erased']}`", "",
              f"{len(report['samples'])} images per model, {o['images_per_prompt']} per prompt, "
              f"{o['num_inference_steps']} steps, seeds from {o['seed']}; the same prompts and seeds for both.", "",
-             "| metric | original | erased | change |", "|---|---|---|---|"]
+             ]
     before, after = report["original"], report["erased"]
+    concept = report.get("concept")
+    if concept is not None:
+        b, a = before["concept"], after["concept"]
+        lines += [f"## Erased concept `{concept['name']}` ({concept['head']} = {concept['class']})", "",
+                  "| | original | erased | change |", "|---|---|---|---|",
+                  f"| **its images still showing {concept['class']}** ({b['num_images']}) | {b['shown']:.3f} | "
+                  f"{a['shown']:.3f} | {a['shown'] - b['shown']:+.3f} |"]
+        for h in b["retained_mean_accuracy"]:
+            rb, ra = b["retained_mean_accuracy"][h], a["retained_mean_accuracy"][h]
+            lines.append(f"| **retained: mean {h} accuracy**, images without it ({b['num_retained_images']}) | "
+                         f"{rb:.3f} | {ra:.3f} | {ra - rb:+.3f} |")
+        lines += ["", "## Every metric (all images)", ""]
+    lines += ["| metric | original | erased | change |", "|---|---|---|---|"]
     if "classes" in before:
         for key in before["classes"]:
             if "accuracy" in key:
