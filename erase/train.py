@@ -46,24 +46,28 @@ from erase.cli import (  # noqa: E402
     versions,
 )
 from erase.concepts import Concept, custom_concept, load_concept  # noqa: E402
+from erase.erasure_data import (  # noqa: E402
+    batch_for,
+    hold_frozen,
+    prepare_data,
+    release_frozen,
+    saliency_mask,
+)
 from erase.objectives import (  # noqa: E402
     ESD_TARGETS,
     esd_loss,
-    noised,
-    saliency_loss,
     salun_loss,
     step_generator,
 )
 from erase.saliency import (  # noqa: E402
     MaskedUpdate,
     check_ratio,
-    compute_saliency_mask,
     load_mask,
     mask_fraction,
     save_mask,
     select_parameters,
 )
-from erase.sd import encode_images, encode_prompts, image_set, load_pipeline  # noqa: E402
+from erase.sd import load_pipeline  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -153,89 +157,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**{**{k: v for k, v in recipe.items() if k in known}, **given})
 
 
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class ErasureData:
-    """D_f and D_r encoded once, in fp32 on the training device. Each distinct prompt is encoded
-    once (800 images of one prompt hold one (77, D) row, not 800)."""
-
-    forget_latents: torch.Tensor  # (N, 4, h, w)
-    forget_prompt: torch.Tensor  # (N,) row in prompt_embeds of each forget image's c
-    anchor_prompt: torch.Tensor  # (N,) row of the c' paired with it
-    retain_latents: torch.Tensor  # (M, 4, h, w)
-    retain_prompt: torch.Tensor  # (M,)
-    prompt_embeds: torch.Tensor  # (P, 77, D); row 0 is the empty prompt
-
-    def embeds(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.prompt_embeds[rows]
-
-
-def prepare_data(pipe, cfg: TrainConfig, concept: Concept, accelerator: Accelerator, autocast_dtype=None) -> ErasureData:
-    """Generate (or reuse) D_f and D_r with the original model; encode images and prompts once.
-    With `autocast_dtype` the sets are generated under autocast in that precision."""
-    gen = dict(num_inference_steps=cfg.generation_steps, guidance_scale=cfg.guidance_scale,
-               cache_dir=os.path.join(cfg.cache_dir, "images"), resolution=cfg.resolution,
-               batch_size=cfg.generation_batch_size, autocast_dtype=autocast_dtype)
-    with accelerator.main_process_first():  # one process generates, the others read the cache
-        # fixed generation seeds: every training seed and method reuses the same cached sets
-        forget_images, forget_prompts = image_set(pipe, concept.forget, cfg.num_images, 0, **gen)
-        retain_images, retain_prompts = image_set(pipe, concept.retain, cfg.num_images, 10**6, **gen)
-    anchor_of = dict(zip(concept.forget, concept.anchor))
-    anchor_prompts = [anchor_of[p] for p in forget_prompts]
-    distinct = list(dict.fromkeys(["", *forget_prompts, *anchor_prompts, *retain_prompts]))
-    row = {p: i for i, p in enumerate(distinct)}
-    device = pipe.unet.device
-    rows = lambda prompts: torch.tensor([row[p] for p in prompts], device=device)  # noqa: E731
-    return ErasureData(
-        forget_latents=encode_images(pipe, forget_images).float(),
-        forget_prompt=rows(forget_prompts),
-        anchor_prompt=rows(anchor_prompts),
-        retain_latents=encode_images(pipe, retain_images).float(),
-        retain_prompt=rows(retain_prompts),
-        prompt_embeds=encode_prompts(pipe, distinct).float(),
-    )
-
-
-def batch_for(data: ErasureData, scheduler, cfg: TrainConfig, g: torch.Generator) -> tuple[dict, dict]:
-    """One step's forget and retain halves, drawn on the generator's device."""
-    n_f, n_r = len(data.forget_latents), len(data.retain_latents)
-    fi = torch.randint(0, n_f, (cfg.train_batch_size,), generator=g, device=g.device).to(data.forget_latents.device)
-    ri = torch.randint(0, n_r, (cfg.train_batch_size,), generator=g, device=g.device).to(data.retain_latents.device)
-    forget = noised(scheduler, data.forget_latents[fi], g)
-    forget.update(
-        encoder_hidden_states=data.embeds(data.forget_prompt[fi]),
-        anchor_hidden_states=data.embeds(data.anchor_prompt[fi]),
-        uncond_hidden_states=data.prompt_embeds[:1].expand(len(fi), -1, -1),
-    )
-    retain = noised(scheduler, data.retain_latents[ri], g)
-    retain["encoder_hidden_states"] = data.embeds(data.retain_prompt[ri])
-    return forget, retain
-
-
 # ----------------------------------------------------------------------------- mask
-
-
-def saliency_mask(unet, scheduler, data: ErasureData, cfg: TrainConfig, accelerator: Accelerator) -> dict[str, torch.Tensor]:
-    """SalUn Eq. 8 on D_f, each process taking a contiguous shard; gradients are summed
-    across processes inside compute_saliency_mask, so the mask does not depend on their number."""
-    n = len(data.forget_latents)
-    shard = range(n)[accelerator.process_index * n // accelerator.num_processes : (accelerator.process_index + 1) * n // accelerator.num_processes]
-    idx = list(shard)
-    batches = [idx[i : i + cfg.saliency_batch_size] for i in range(0, len(idx), cfg.saliency_batch_size)]
-
-    device = data.forget_latents.device
-
-    def loss_fn(model, batch_idx):
-        x = [noised(scheduler, data.forget_latents[i : i + 1], step_generator(cfg.seed, -1, i, device=device)) for i in batch_idx]
-        stack = {k: torch.cat([xi[k] for xi in x]) for k in ("noisy_latents", "timesteps", "target")}
-        with accelerator.autocast():  # gradients land in the fp32 weights' .grad and sum there
-            return saliency_loss(model, stack["noisy_latents"], stack["timesteps"], stack["target"],
-                                 data.embeds(data.forget_prompt[batch_idx]), data.prompt_embeds[:1].expand(len(batch_idx), -1, -1),
-                                 cfg.guidance_scale)
-
-    return compute_saliency_mask(unet, loss_fn, batches, cfg.mask_ratio, show_progress=accelerator.is_local_main_process)
 
 
 def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging: str, given=None, resume: bool = False) -> dict[str, torch.Tensor]:
@@ -285,23 +207,6 @@ def save_checkpoint(accelerator: Accelerator, folder: str) -> None:
 
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def hold_frozen(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
-    """Put the frozen VAE and text encoder on `device` in `dtype` for generation and encoding;
-    return their original weights (which stay where they were) for `release_frozen`."""
-    originals = {}
-    for name in ("vae", "text_encoder"):
-        module = getattr(pipe, name).requires_grad_(False)
-        originals[name] = dict(module.state_dict())  # the tensors themselves, not copies
-        module.to(device, dtype)
-    return originals
-
-
-def release_frozen(pipe, originals: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Swap the original weights back in (bit-identical in the saved pipeline) and free the device copies."""
-    for name, state in originals.items():
-        getattr(pipe, name).load_state_dict(state, assign=True)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

@@ -1,0 +1,120 @@
+"""Every command checks its input before it loads a model or generates an image: a bad input ends
+in seconds with one `error:` line, a non-zero exit, and nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKER = "a-file"  # a file where a folder would have to be: not writable, even for root
+
+
+def call(main, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a command's main in-process; argparse errors exit, the rest return a status."""
+    try:
+        rc = main(argv)
+    except SystemExit as stop:
+        rc = stop.code
+    return rc, capsys.readouterr().err
+
+
+def train_main(argv):
+    from erase.train import main
+
+    return main(argv)
+
+
+def worst_case_main(argv):
+    from erase.worst_case.cli import main
+
+    return main(argv)
+
+
+def eval_main(argv):
+    from eval.__main__ import main
+
+    return main(argv)
+
+
+def classifier_main(argv):
+    from erase.classifier import main
+
+    return main(argv)
+
+
+def app_main(argv):
+    import app
+
+    return app.main(argv)
+
+
+def train_args(model: Path, out: Path) -> list[str]:
+    return ["--model", str(model), "--concept", "nudity", "--num-images", "2", "--generation-steps", "1",
+            "--max-train-steps", "1", "--output-dir", str(out / "erased"), "--cache-dir", str(out / "cache")]
+
+
+CASES = [
+    # (command, arguments given the tiny model and the output folder, words of the error)
+    (train_main, lambda m, o: train_args(m, o) + ["--learning-rate", "-1"], "learning-rate must be positive"),
+    (train_main, lambda m, o: train_args(m, o)[2:4] + ["--forget-prompt", ""] + train_args(m, o)[4:] + ["--model", str(m)],
+     "forget-prompt must not be empty"),
+    (train_main, lambda m, o: train_args(m, o) + ["--model", "/does/not/exist"], "model folder not found"),
+    (train_main, lambda m, o: train_args(m, o) + ["--resolution", "30"], "multiple of 8"),
+    (train_main, lambda m, o: train_args(m, o) + ["--mask", str(o / "missing.safetensors")], "mask file not found"),
+    (train_main, lambda m, o: train_args(m, o) + ["--resume-from-checkpoint", str(o / "nope")], "checkpoint folder not found"),
+    (train_main, lambda m, o: train_args(m, o) + ["--output-dir", str(o / BLOCKER / "out")], "cannot write the output"),
+    (train_main, lambda m, o: train_args(m, o) + ["--generation-steps", "0"], "generation-steps must be positive"),
+    (worst_case_main, lambda m, o: ["--size", "2.0", "--out", str(o / "w.json")], "--size '2.0'"),
+    (worst_case_main, lambda m, o: ["--target", "prompt", "--model", "/does/not/exist", "--out", str(o / "w.json")],
+     "model folder not found"),
+    (worst_case_main, lambda m, o: ["--outer-steps", "-1", "--out", str(o / "w.json")], "outer_steps must be >= 0"),
+    (worst_case_main, lambda m, o: ["--w-lr", "0", "--out", str(o / "w.json")], "w_lr"),
+    (worst_case_main, lambda m, o: ["--out", str(o / BLOCKER / "out")], "cannot write the output"),
+    (eval_main, lambda m, o: ["compare", "digits", "/does/not/exist", "--out", str(o / "r")], "erased folder not found"),
+    (eval_main, lambda m, o: ["compare", "/does/not/exist", str(m), "--out", str(o / "r")], "original folder not found"),
+    (eval_main, lambda m, o: ["compare", "digits", str(m), "--out", str(o / BLOCKER / "out")], "cannot write the report"),
+    (eval_main, lambda m, o: ["classes", "--model", "digits", "--images-per-prompt", "0", "--out", str(o / "c.json")],
+     "images-per-prompt must be positive"),
+    (eval_main, lambda m, o: ["classes", "--model", "digits", "--steps", "-3", "--out", str(o / "c.json")],
+     "steps must be positive"),
+    (eval_main, lambda m, o: ["nudity", "--images", str(o / "none"), "--out", str(o / "n.json")], "image folder not found"),
+    (eval_main, lambda m, o: ["nudity", "--model", str(m), "--prompts", str(o / "none.csv"), "--out", str(o / "n.json")],
+     "prompts file not found"),
+    (eval_main, lambda m, o: ["fid", "--model", str(m), "--reference", str(o / "none"), "--out", str(o / "f.json")],
+     "image folder not found"),
+    (classifier_main, lambda m, o: ["--forget", "random:1.5", "--out", str(o / "c.json")], "cannot parse forget set"),
+    (classifier_main, lambda m, o: ["--lr", "-1", "--out", str(o / "c.json")], "lr must be > 0"),
+    (classifier_main, lambda m, o: ["--out", str(o / BLOCKER / "out")], "cannot write the report"),
+    (app_main, lambda m, o: ["--original", "digits", "--erased", "/does/not/exist", "--labels", "none"],
+     "erased model folder not found"),
+]
+
+
+@pytest.mark.parametrize("main, argv, message", CASES, ids=[f"{c[0].__name__.removesuffix('_main')}: {c[2]}" for c in CASES])
+def test_bad_input_fails_fast_with_one_line(main, argv, message: str, tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / BLOCKER).write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    start = time.perf_counter()
+    rc, err = call(main, argv(tiny_sd_path, tmp_path), capsys)
+    seconds = time.perf_counter() - start
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert rc not in (0, None), err
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err[-2000:]
+    assert seconds < 5, f"{seconds:.1f} s before the error: work was done before the input was checked"
+    assert sorted(tmp_path.rglob("*")) == before, "something was written"
+
+
+def test_a_bad_input_is_one_line_from_a_fresh_process(tmp_path: Path) -> None:
+    """The same through the real entry point: no import-time notes, exactly one line, in seconds."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "eval", "compare", "digits", str(tmp_path / "none"), "--out", str(tmp_path / "r")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: erased folder not found")
+    assert time.perf_counter() - start < 30 and not list(tmp_path.iterdir())
