@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from erase.cli import versions  # noqa: E402
 from erase.digits import (  # noqa: E402
     COLOURS,
     DEFAULT_GUIDANCE,
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
                      "steps": args.steps, "guidance": args.guidance, "resolution": RESOLUTION,
                      "n_per_prompt": args.n_per_prompt, "n_paraphrase": args.n_paraphrase, "seed": args.seed,
                      "prompt_template": PROMPT_TEMPLATE, "torch_threads": torch.get_num_threads()},
-        "versions": _versions(),
+        "versions": versions(),
     }
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
@@ -193,14 +193,6 @@ def main(argv: list[str] | None = None) -> None:
     out.with_suffix(".md").write_text(markdown(result))
     print(f"digit accuracy {result['digit_accuracy']:.3f}, colour accuracy {result['colour_accuracy']:.3f} "
           f"({result['images']} images, {result['wall_seconds']:.0f} s) -> {out}")
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform()}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import yaml
 
 __all__ = ["Concept", "available_concepts", "load_concept"]
 
+
 def _prompts_dir() -> Path:
     """The concept files: erase/prompts/ in an installed wheel, the checkout's prompts/ otherwise."""
     here = Path(__file__).resolve().parent

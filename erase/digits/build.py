@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from erase.atomic import replace_path
+from erase.cli import versions
 from erase.digits.data import RESOLUTION, batches, coloured_split
 from erase.digits.model import MODEL_DIR
 from erase.digits.prompts import (
@@ -29,6 +30,7 @@ from erase.digits.prompts import (
 )
 
 logger = logging.getLogger("erase.digits")
+
 
 @dataclass
 class DigitsTrainingOptions:
@@ -230,19 +232,10 @@ def train_pipeline(opts: DigitsTrainingOptions) -> Path:
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     record = {"options": asdict(opts), "train_seconds": round(time.time() - start, 1),
-              "torch_threads": torch.get_num_threads(), "versions": _versions()}
+              "torch_threads": torch.get_num_threads(), "versions": versions()}
     return replace_path(opts.output_dir, lambda tmp: _save_pipeline(pipe, tmp, record))
 
 
 def _save_pipeline(pipe, folder: Path, record: dict) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
     (folder / "digits_training.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import sklearn
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "scikit-learn": sklearn.__version__}

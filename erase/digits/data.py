@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from erase.digits.prompts import COLOUR_RGB, COLOURS
-
-logger = logging.getLogger("erase.digits")
 
 RESOLUTION = 32  # pixels; the VAE maps 32x32x3 to an 8x8x4 latent
 SPLITS = {"generator": range(0, 5), "classifier": range(5, 9), "test": range(9, 10)}

@@ -22,6 +22,7 @@ from erase.digits.prompts import COLOURS
 
 logger = logging.getLogger("erase.digits")
 
+
 class DigitsClassifier(nn.Module):
     """A small CNN with two heads: digit (10 classes) and colour (len(COLOURS) classes).
 

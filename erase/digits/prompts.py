@@ -4,9 +4,6 @@ small CLIP tokenizer whose vocabulary encodes every word of them as one token.""
 from __future__ import annotations
 
 import functools
-import logging
-
-logger = logging.getLogger("erase.digits")
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 COLOURS = ["red", "green", "blue", "white"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from collections.abc import Sequence
 
@@ -15,13 +14,12 @@ from erase.saliency import compute_saliency_mask
 from erase.worst_case.config import WorstCaseConfig, random_start, report
 from erase.worst_case.solver import (
     LowerOptions,
-    _accumulate,
+    accumulate,
     resolve_size,
     search,
     unlearning_steps,
 )
 
-logger = logging.getLogger("erase.worst_case")
 
 def _per_sample_terms(method: str, logits: torch.Tensor, y: torch.Tensor, y_wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(retain_j, forget_j) of the unlearning method, per sample (see the module docstring)."""
@@ -98,7 +96,7 @@ class ClassifierProblem:
         total = [torch.zeros_like(p) for p in params]
         for sl in self._chunks():
             ce = F.cross_entropy(model(self.x[sl].to(self.device)), self.y[sl].to(self.device), reduction="none")
-            _accumulate(total, torch.autograd.grad((sample_w[sl].to(ce) * ce).sum(), params, allow_unused=True))
+            accumulate(total, torch.autograd.grad((sample_w[sl].to(ce) * ce).sum(), params, allow_unused=True))
         return total
 
     @torch.no_grad()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -16,8 +15,6 @@ from erase.worst_case.solver import (
     SearchOptions,
     SearchResult,
 )
-
-logger = logging.getLogger("erase.worst_case")
 
 TARGETS = ("data", "class", "prompt")
 CLASSIFIER_METHODS = ("ft", "rl", "ga", "salun")

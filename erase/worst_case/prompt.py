@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -26,13 +25,12 @@ from erase.saliency import compute_saliency_mask
 from erase.worst_case.config import PROMPT_LOSSES, WorstCaseConfig, random_start, report
 from erase.worst_case.solver import (
     LowerOptions,
-    _accumulate,
+    accumulate,
     resolve_size,
     search,
     unlearning_steps,
 )
 
-logger = logging.getLogger("erase.worst_case")
 
 def digits_candidates() -> tuple[list[str], list[str]]:
     """The 40 template prompts of the embedded model and their anchors (the next digit, same
@@ -182,7 +180,7 @@ class PromptProblem:
         per_image_w = (w / self.counts)[self.data.prompt_of].float() / self.eval_draws  # as in item_losses
         for batch in self.eval_batches:
             loss = (per_image_w[batch["idx"].cpu()].to(self.device) * self._denoising(unet, batch)).sum()
-            _accumulate(total, torch.autograd.grad(loss, params, allow_unused=True))
+            accumulate(total, torch.autograd.grad(loss, params, allow_unused=True))
         return total
 
     @torch.no_grad()

@@ -162,7 +162,7 @@ class SearchResult:
     seconds: float
 
 
-def _accumulate(total: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+def accumulate(total: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
     """total += grads, skipping parameters the loss does not reach (None under allow_unused)."""
     for t, g in zip(total, grads, strict=True):
         if g is not None:
