@@ -4,7 +4,7 @@ For every class prompt the model generates N images; a classifier judges them an
 `accuracy[class]` is the fraction judged to be that class. After erasing a class its
 accuracy should fall while the others stay. Classifiers:
 
-* `digits` - the embedded digits model's held-out classifier (erase/digits.py), two heads:
+* `digits` - the embedded digits model's held-out classifier (erase/digits/judge.py), two heads:
   the digit (`accuracy`, per digit word) and the colour (`colour_accuracy`, per colour);
 * `imagenette` - an ImageNet ResNet-50 through transformers (`microsoft/resnet-50`, needs
   the hub or a local copy): top-1 over the 1,000 ImageNet classes must be the ImageNet index
