@@ -13,14 +13,12 @@ wordings never used in training ("a seven in red"), the classifier on real held-
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import replace
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -39,6 +37,11 @@ from erase.digits import (  # noqa: E402
     load_digits_classifier,
     resolve_model,
 )
+from erase.sd import generate, load_pipeline  # noqa: E402
+from eval.classes import class_samples, digits_task, evaluate_classes, summarise  # noqa: E402
+from eval.generate import Generated, Sample, generate_samples  # noqa: E402
+
+from common import save_results  # noqa: E402  (bench/common.py)
 
 # Wordings the model never saw in training (all words are in its vocabulary).
 UNSEEN_WORDINGS = ("a {word} in {colour}", "{colour} {word}")
@@ -56,61 +59,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class Sampler:
-    """The pipeline with fixed settings; every call gets its own seeded generator."""
-
-    def __init__(self, model: str, steps: int, guidance: float, seed: int) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        self.pipe = StableDiffusionPipeline.from_pretrained(resolve_model(model))
-        self.pipe.set_progress_bar_config(disable=True)
-        self.steps, self.guidance, self.seed, self.calls = steps, guidance, seed, 0
-
-    def __call__(self, prompt: str, n: int) -> torch.Tensor:
-        """(n, 3, 32, 32) images in [0, 1]."""
-        self.calls += 1
-        generator = torch.Generator().manual_seed(self.seed * 100_000 + self.calls)
-        out = self.pipe(prompt, num_images_per_prompt=n, num_inference_steps=self.steps,
-                        guidance_scale=self.guidance, generator=generator, output_type="pt")
-        return out.images
+def template_report(pipe, task, n: int, steps: int, guidance: float, seed: int) -> dict:
+    """Every (digit, colour) template prompt, n images each (eval.classes' seeds and tally), plus the
+    colour accuracy within each digit (the same tally with the heads swapped)."""
+    report = evaluate_classes(pipe, task, class_samples(task, n, guidance, seed), steps)
+    by_sample = {p["index"]: p for p in report["predictions"]}
+    samples = class_samples(task, n, guidance, seed)
+    scored = [Generated(s, {"digit": by_sample[s.index]["digit"], "colour": by_sample[s.index]["colour"]}) for s in samples]
+    swapped = replace(task, heads={"colour": task.heads["colour"], "digit": task.heads["digit"]})
+    report["colour_accuracy_by_digit"] = summarise(swapped, scored)["accuracy_by_digit"]
+    return report
 
 
-class Tally:
-    """Correct / total counts under named keys."""
-
-    def __init__(self) -> None:
-        self.right: dict[str, int] = defaultdict(int)
-        self.total: dict[str, int] = defaultdict(int)
-
-    def add(self, key: str, correct: torch.Tensor) -> None:
-        self.right[key] += int(correct.sum())
-        self.total[key] += len(correct)
-
-    def fractions(self) -> dict[str, float]:
-        return {k: round(self.right[k] / self.total[k], 4) for k in self.total}
-
-
-def time_16_images(sampler: Sampler) -> float:
-    sampler(PROMPT_TEMPLATE.format(colour="red", word="seven"), 2)  # warm-up
+def time_16_images(pipe, steps: int, guidance: float) -> float:
+    prompt = PROMPT_TEMPLATE.format(colour="red", word="seven")
+    generate(pipe, [prompt] * 2, [0, 1], steps, guidance)  # warm-up
     start = time.perf_counter()
-    sampler(PROMPT_TEMPLATE.format(colour="red", word="seven"), 16)
+    generate(pipe, [prompt] * 16, list(range(16)), steps, guidance)
     return round(time.perf_counter() - start, 3)
 
 
-def judge(sampler, classifier, template: str, n: int, check_colour: bool = True) -> tuple[Tally, Tally]:
-    """Generate n images per (digit, colour) filling `template`; tally digit and colour hits."""
-    digit_tally, colour_tally = Tally(), Tally()
-    colours = COLOURS if check_colour or "{colour}" in template else COLOURS[:1]
-    pairs = [(d, c) for d in range(10) for c in range(len(colours))]
-    for digit, c in tqdm(pairs, desc=template, leave=False):
-        colour, word = colours[c], DIGIT_WORDS[digit]
-        prompt = template.format(colour=colour, word=word, numeral=digit)
-        digit_pred, colour_pred = classify_images(sampler(prompt, n), classifier)
-        for key in ("all", f"digit {digit}", f"colour {colour}"):
-            digit_tally.add(key, digit_pred == digit)
-            if "{colour}" in template:
-                colour_tally.add(key, colour_pred == c)
-    return digit_tally, colour_tally
+def paraphrase_hits(pipe, task, template: str, n: int, steps: int, guidance: float, seed: int) -> dict:
+    """Digit (and, where the template names one, colour) accuracy of n images per digit."""
+    colours = range(len(COLOURS)) if "{colour}" in template else [None]
+    prompts = [(d, c) for d in range(10) for c in colours]
+    samples = [Sample(i * n + k, template.format(colour=COLOURS[c] if c is not None else "", word=DIGIT_WORDS[d], numeral=d),
+                      seed + i * n + k, guidance, {"digit": d, "colour": c})
+               for i, (d, c) in enumerate(prompts) for k in range(n)]
+
+    def score(images):
+        preds = task.predict(images)
+        return [{h: int(p[j]) for h, p in preds.items()} for j in range(len(images))]
+
+    done = generate_samples(pipe, samples, steps, score=score, desc=template)
+    entry = {"digit_accuracy": round(sum(g.result["digit"] == g.sample.labels["digit"] for g in done) / len(done), 4),
+             "images": len(done)}
+    if colours != [None]:
+        entry["colour_accuracy"] = round(sum(g.result["colour"] == g.sample.labels["colour"] for g in done) / len(done), 4)
+    return entry
 
 
 def real_digit_ceiling(classifier) -> dict[str, float]:
@@ -121,18 +107,13 @@ def real_digit_ceiling(classifier) -> dict[str, float]:
             "colour": round(float((colour_pred == colours).float().mean()), 4), "images": len(digits)}
 
 
-def paraphrase_report(sampler, classifier, n: int) -> dict:
+def paraphrase_report(pipe, task, n: int, steps: int, guidance: float, seed: int) -> dict:
     """Accuracy per paraphrase template: trained full, trained digit-only, and unseen wordings."""
     report: dict = {}
-    for group, templates in (("trained_full", FULL_PARAPHRASES), ("trained_digit_only", DIGIT_PARAPHRASES),
-                             ("unseen", UNSEEN_WORDINGS)):
-        report[group] = {}
-        for template in templates:
-            digit_tally, colour_tally = judge(sampler, classifier, template, n, check_colour=False)
-            entry = {"digit_accuracy": digit_tally.fractions()["all"], "images": digit_tally.total["all"]}
-            if colour_tally.total:
-                entry["colour_accuracy"] = colour_tally.fractions()["all"]
-            report[group][template] = entry
+    groups = (("trained_full", FULL_PARAPHRASES), ("trained_digit_only", DIGIT_PARAPHRASES), ("unseen", UNSEEN_WORDINGS))
+    for g, (group, templates) in enumerate(groups):
+        report[group] = {t: paraphrase_hits(pipe, task, t, n, steps, guidance, seed + 10**6 * (1 + 10 * g + i))
+                         for i, t in enumerate(templates)}
     return report
 
 
@@ -165,34 +146,32 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    sampler = Sampler(args.model, args.steps, args.guidance, args.seed)
+    pipe = load_pipeline(args.model)
     classifier = load_digits_classifier()
-    seconds_16 = time_16_images(sampler)
-    digit_tally, colour_tally = judge(sampler, classifier, PROMPT_TEMPLATE, args.n_per_prompt)
-    digits, colours = digit_tally.fractions(), colour_tally.fractions()
+    task = digits_task(classifier)
+    seconds_16 = time_16_images(pipe, args.steps, args.guidance)
+    t = template_report(pipe, task, args.n_per_prompt, args.steps, args.guidance, args.seed)
     result = {
-        "digit_accuracy": digits["all"], "colour_accuracy": colours["all"], "images": digit_tally.total["all"],
-        "per_digit": {str(d): {"digit_accuracy": digits[f"digit {d}"], "colour_accuracy": colours[f"digit {d}"]}
-                      for d in range(10)},
-        "per_colour": {c: {"digit_accuracy": digits[f"colour {c}"], "colour_accuracy": colours[f"colour {c}"]}
+        "digit_accuracy": t["overall_accuracy"], "colour_accuracy": t["overall_colour_accuracy"], "images": t["num_images"],
+        "per_digit": {str(d): {"digit_accuracy": t["accuracy"][w], "colour_accuracy": t["colour_accuracy_by_digit"][w]}
+                      for d, w in enumerate(DIGIT_WORDS)},
+        "per_colour": {c: {"digit_accuracy": t["accuracy_by_colour"][c], "colour_accuracy": t["colour_accuracy"][c]}
                        for c in COLOURS},
-        "paraphrases": paraphrase_report(sampler, classifier, args.n_paraphrase) if args.n_paraphrase else {},
+        "paraphrases": paraphrase_report(pipe, task, args.n_paraphrase, args.steps, args.guidance, args.seed)
+        if args.n_paraphrase else {},
         "classifier_on_real_test_digits": real_digit_ceiling(classifier),
         "seconds_for_16_images": seconds_16,
-        "settings": {"model": args.model, "model_path": resolve_model(args.model), "sampler": "DDIMScheduler",
+        "settings": {"model": args.model, "model_path": resolve_model(args.model), "sampler": type(pipe.scheduler).__name__,
                      "steps": args.steps, "guidance": args.guidance, "resolution": RESOLUTION,
                      "n_per_prompt": args.n_per_prompt, "n_paraphrase": args.n_paraphrase, "seed": args.seed,
+                     "seed_rule": "eval.classes.class_samples: seed + prompt_index * n + k",
                      "prompt_template": PROMPT_TEMPLATE, "torch_threads": torch.get_num_threads()},
         "versions": versions(),
     }
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    save_results(result, args.out, markdown(result))
     print(f"digit accuracy {result['digit_accuracy']:.3f}, colour accuracy {result['colour_accuracy']:.3f} "
-          f"({result['images']} images, {result['wall_seconds']:.0f} s) -> {out}")
+          f"({result['images']} images, {result['wall_seconds']:.0f} s) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from erase.concepts import load_concept
-from erase.digits import COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, classify_images, load_digits_classifier, prompt_for
+from erase.digits import (
+    COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DIGIT_WORDS, classify_images, load_digits_classifier, prompt_for,
+)
+from eval.classes import digits_task, evaluate_classes
+from eval.generate import Sample
 from erase.sd import generate, load_pipeline
 
 from common import machine, save_results  # bench/common.py (the scripts run from bench/)
@@ -35,15 +38,13 @@ METHODS = ("salun", "rl", "esd-x", "esd-u")
 def score(model: str, concept_names: list[str], n: int, classifier) -> dict:
     """Per (digit, colour) template accuracy and, per concept, how often its paraphrases still show it."""
     pipe = load_pipeline(model)
-    prompts = [(d, c) for d in range(10) for c in COLOURS]
-    texts = [prompt_for(d, c) for d, c in prompts for _ in range(n)]
-    seeds = [s for _ in prompts for s in range(n)]
-    digit_pred, colour_pred = classify_images(generate(pipe, texts, seeds, DEFAULT_STEPS, DEFAULT_GUIDANCE), classifier)
-    digit_true = torch.tensor([d for d, _ in prompts for _ in range(n)])
-    colour_true = torch.tensor([COLOURS.index(c) for _, c in prompts for _ in range(n)])
+    task = digits_task(classifier)
+    grid = [(d, c, s) for d in range(10) for c in range(len(COLOURS)) for s in range(n)]
+    samples = [Sample(i, prompt_for(d, COLOURS[c]), s, DEFAULT_GUIDANCE, {"digit": d, "colour": c}) for i, (d, c, s) in enumerate(grid)]
+    classes = evaluate_classes(pipe, task, samples, DEFAULT_STEPS)  # eval's own engine and tally
     out = {
-        "digit_accuracy": {str(d): float((digit_pred == d)[digit_true == d].float().mean()) for d in range(10)},
-        "colour_accuracy": {c: float((colour_pred == i)[colour_true == i].float().mean()) for i, c in enumerate(COLOURS)},
+        "digit_accuracy": {str(d): classes["accuracy"][DIGIT_WORDS[d]] for d in range(10)},
+        "colour_accuracy": dict(classes["colour_accuracy"]),
         "paraphrase_rate": {},
     }
     for name in concept_names:

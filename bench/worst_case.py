@@ -369,7 +369,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Worst-case vs random forget sets, {n} seeds",
         "",
-        "Bi-level search of erase/worst_case.py (Fan et al., ECCV 2024): "
+        "Bi-level search of erase/worst_case/ (Fan et al., ECCV 2024): "
         f"{result['outer_steps']} upper steps, lower level 20 sign-SGD steps (lr 1e-3, batch 64) of the method, "
         "normalised upper step (w_lr 0.1), started at the random set. Mean ± std over seeds.",
     ]
