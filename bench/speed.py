@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from erase.objectives import salun_loss
-from erase.saliency import MaskedUpdate
+from erase.erasure import masked_optimizer
 from erase.sd import SD_V1_UNET_CONFIG
 
 from common import machine, save_results  # bench/common.py (the scripts run from bench/)
@@ -63,8 +63,7 @@ def main() -> None:
         unet.enable_gradient_checkpointing()
     g = torch.Generator().manual_seed(0)  # a random half: step cost does not depend on which half
     mask = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in unet.named_parameters()}
-    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-5, fused=args.device.startswith("cuda"))  # as erase/train.py
-    MaskedUpdate(unet, mask).attach(optimizer)
+    optimizer, _ = masked_optimizer(unet, mask, learning_rate=1e-5)  # erase/train.py's optimizer
     del mask
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     autocast = lambda: torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None)  # noqa: E731

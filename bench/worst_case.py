@@ -18,8 +18,8 @@ on random sets at `--sweep-noise` rates) shows how FT's forgetting depends on th
 Prompt-wise (the embedded digits model, if its weights are present): among the 40 prompts
 "a {colour} handwritten digit {word}", the m hardest to erase are searched (SalUn lower level;
 upper loss `denoising`, the paper's, and `contrast`); then SalUn erases those m prompts, and the
-random m the search started from, with the same budget (objectives.salun_loss under a saliency
-mask, Adam); the held-out digits classifier scores images of the forget prompts (UA: % not
+random m the search started from, with the same budget (erase/train.py's own loop, erase.erasure:
+SalUn under a saliency mask, Adam); the held-out digits classifier scores images of the forget prompts (UA: % not
 showing the prompt's digit in its colour) and of the other prompts (RA).
 
     python bench/worst_case.py --seeds 5 --out bench/results/worst_case.json
@@ -182,38 +182,27 @@ def noise_sweep(regimes: list[dict], args) -> list[dict]:
 
 
 def erase_prompt_set(pipe, problem, forget_items: list[int], args, seed: int):
-    """SalUn on the digits UNet: forget = the chosen candidates (each remapped to its anchor),
-    retain = the other candidates; saliency mask from the forget images; Adam, `prompt_steps`."""
-    from erase.objectives import salun_loss, saliency_loss
-    from erase.saliency import MaskedUpdate, compute_saliency_mask
-    from erase.objectives import noised, step_generator
+    """SalUn on the digits UNet through erase/train.py's own pieces (erase.erasure): forget = the
+    chosen candidates' images, each remapped to its anchor; retain = the other candidates' images;
+    the saliency mask from the forget images; Adam under MaskedUpdate, `prompt_steps` steps of 8 + 8."""
+    from accelerate import Accelerator
 
-    data = problem.data
-    forget_mask = torch.isin(data.prompt_of, torch.tensor(forget_items))
-    f_idx, r_idx = torch.nonzero(forget_mask).flatten(), torch.nonzero(~forget_mask).flatten()
-    unet = copy.deepcopy(pipe.unet).requires_grad_(True)
+    from erase.erasure import ErasureData, TrainConfig, masked_optimizer, saliency_mask, train_steps
 
-    def mask_loss(model, idx):
-        batch = noised(problem.scheduler, data.latents[idx], step_generator(seed, 10**6, int(idx[0])))
-        cond = data.embeds[data.prompt_of[idx]]
-        return saliency_loss(model, batch["noisy_latents"], batch["timesteps"], batch["noise"], cond,
-                             data.uncond_embeds.expand(len(idx), -1, -1))
-
-    mask = compute_saliency_mask(unet, mask_loss, list(f_idx.split(8)), args.mask_ratio, show_progress=False)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=args.prompt_lr)
-    update = MaskedUpdate(unet, mask).attach(optimizer)
-    unet.train()
-    for step in range(args.prompt_steps):
-        g = step_generator(seed, step)
-        fi, ri = f_idx[torch.randint(0, len(f_idx), (8,), generator=g)], r_idx[torch.randint(0, len(r_idx), (8,), generator=g)]
-        forget = noised(problem.scheduler, data.latents[fi], g)
-        forget.update(encoder_hidden_states=data.embeds[data.prompt_of[fi]], anchor_hidden_states=data.anchor_embeds[data.prompt_of[fi]])
-        retain = noised(problem.scheduler, data.latents[ri], g)
-        retain["encoder_hidden_states"] = data.embeds[data.prompt_of[ri]]
-        loss, _ = salun_loss(unet, forget, retain, args.beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    d, p = problem.data, len(problem.data.embeds)
+    forget = torch.isin(d.prompt_of, torch.tensor(forget_items))
+    data = ErasureData(  # prompt rows: the empty prompt, the candidates, their anchors
+        forget_latents=d.latents[forget], forget_prompt=1 + d.prompt_of[forget], anchor_prompt=1 + p + d.prompt_of[forget],
+        retain_latents=d.latents[~forget], retain_prompt=1 + d.prompt_of[~forget],
+        prompt_embeds=torch.cat([d.uncond_embeds, d.embeds, d.anchor_embeds]).float())
+    cfg = TrainConfig(forget_prompt=["(the chosen candidates)"], train_batch_size=8, saliency_batch_size=8,
+                      max_train_steps=args.prompt_steps, learning_rate=args.prompt_lr, beta=args.beta,
+                      mask_ratio=args.mask_ratio, seed=seed)
+    accelerator = Accelerator(cpu=True)
+    unet = copy.deepcopy(pipe.unet)
+    mask = saliency_mask(unet, problem.scheduler, data, cfg, accelerator)
+    optimizer, update = masked_optimizer(unet, mask, cfg.learning_rate)
+    train_steps(accelerator, unet, optimizer, data, problem.scheduler, cfg)
     update.remove()
     return unet.eval()
 
@@ -390,7 +379,7 @@ def markdown(result: dict) -> str:
             f"({result['prompt_inner_steps']} Adam steps, lr 1e-4, batch 16, {result['images_per_prompt']} images per prompt), "
             f"{result['prompt_outer_steps']} upper steps, started at the random set; upper loss `denoising` = the paper's "
             "(each prompt's denoising MSE on its own images), `contrast` = that minus the same MSE under the anchor prompt. "
-            f"Evaluated erasure, the same for every set: SalUn (objectives.salun_loss, mask ratio {result['mask_ratio']}, "
+            f"Evaluated erasure, the same for every set: SalUn (erase.erasure's loop, as erase/train.py, mask ratio {result['mask_ratio']}, "
             f"Adam lr {result['prompt_lr']}, {result['prompt_steps']} steps, batch 8 + 8, beta {result['beta']}). "
             f"UA = % of {result['eval_images']} images per forget prompt NOT read as its digit in its colour by the held-out "
             "classifier (higher = erased); RA = % of the other prompts' images read correctly.",
@@ -435,6 +424,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "erase"))
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--skip-prompt", action="store_true")
+    parser.add_argument("--keep-data-from", default=None,
+                        help="with --skip-data: take the data-wise part from this earlier results JSON")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench/results/worst_case.json")
     parser.add_argument("--render", action="store_true",
@@ -450,6 +441,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = {"skipped": "--skip-data"}
+    if args.skip_data and args.keep_data_from:
+        earlier = json.loads(Path(args.keep_data_from).read_text())
+        data = earlier["data"] | {"kept_from": args.keep_data_from, "wall_seconds_of_that_run": earlier["wall_seconds"]}
     if not args.skip_data:
         regimes = []
         for noise in args.label_noise:
