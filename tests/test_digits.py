@@ -185,7 +185,7 @@ def test_resolve_model_trains_on_first_use_when_assets_are_missing(tmp_path, mon
         (Path(opts.output_dir) / "model_index.json").write_text("{}")
         return Path(opts.output_dir)
 
-    monkeypatch.setattr(digits.model, "MODEL_DIR", tmp_path / "missing")
+    monkeypatch.setattr(digits.paths, "MODEL_DIR", tmp_path / "missing")
     monkeypatch.setattr(digits.build, "train_pipeline", fake_train)
     monkeypatch.setenv("ERASE_CACHE_DIR", str(tmp_path / "cache"))
     with caplog.at_level("WARNING", logger="erase.digits"):

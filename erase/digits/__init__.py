@@ -17,7 +17,7 @@ The classifier never sees an image the generator was trained on, so it judges wh
 generator learned rather than what it memorised.
 
 Modules: ``prompts`` (words, template, paraphrases, tokenizer), ``data`` (splits, colouring),
-``build`` (training the pipeline), ``model`` (assets, cache, ``--model digits``), ``judge``
+``build`` (training the pipeline), ``paths`` (assets, cache), ``model`` (``--model digits``), ``judge``
 (the classifier), ``__main__`` (the command).
 
 ``python -m erase.digits --train --output-dir DIR`` rebuilds the pipeline from scratch;
@@ -46,15 +46,13 @@ from erase.digits.judge import (
     train_classifier,
 )
 from erase.digits.model import (
-    CLASSIFIER_PATH,
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
-    MODEL_DIR,
     MODEL_NAME,
-    cache_dir,
     is_digits_model,
     resolve_model,
 )
+from erase.digits.paths import CLASSIFIER_PATH, MODEL_DIR, cache_dir
 from erase.digits.prompts import (
     COLOUR_PARAPHRASES,
     COLOURS,
@@ -70,4 +68,37 @@ from erase.digits.prompts import (
     vocabulary_words,
 )
 
-__all__ = ["MODEL_NAME", "SPLITS", "cache_dir", "CLASSIFIER_PATH", "COLOURS", "COLOUR_PARAPHRASES", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "DIGIT_PARAPHRASES", "DIGIT_WORDS", "FULL_PARAPHRASES", "MODEL_DIR", "PROMPT_TEMPLATE", "RESOLUTION", "ClassifierTrainingOptions", "DigitsClassifier", "DigitsTrainingOptions", "build_tokenizer", "classify_images", "coloured_split", "is_digits_model", "load_digits_classifier", "load_split", "paraphrases_for", "prompt_for", "render_digits", "resolve_model", "train_classifier", "train_pipeline", "training_prompts", "unknown_tokens", "vocabulary_words"]
+__all__ = [
+    "CLASSIFIER_PATH",
+    "COLOURS",
+    "COLOUR_PARAPHRASES",
+    "ClassifierTrainingOptions",
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_STEPS",
+    "DIGIT_PARAPHRASES",
+    "DIGIT_WORDS",
+    "DigitsClassifier",
+    "DigitsTrainingOptions",
+    "FULL_PARAPHRASES",
+    "MODEL_DIR",
+    "MODEL_NAME",
+    "PROMPT_TEMPLATE",
+    "RESOLUTION",
+    "SPLITS",
+    "build_tokenizer",
+    "cache_dir",
+    "classify_images",
+    "coloured_split",
+    "is_digits_model",
+    "load_digits_classifier",
+    "load_split",
+    "paraphrases_for",
+    "prompt_for",
+    "render_digits",
+    "resolve_model",
+    "train_classifier",
+    "train_pipeline",
+    "training_prompts",
+    "unknown_tokens",
+    "vocabulary_words",
+]

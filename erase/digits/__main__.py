@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from erase.digits.build import DigitsTrainingOptions, train_pipeline
 from erase.digits.judge import ClassifierTrainingOptions, train_classifier
-from erase.digits.model import CLASSIFIER_PATH, MODEL_DIR
+from erase.digits.paths import CLASSIFIER_PATH, MODEL_DIR
 
 
 def main(argv: Sequence[str] | None = None) -> None:

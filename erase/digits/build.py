@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from erase.atomic import replace_path
 from erase.cli import versions
 from erase.digits.data import RESOLUTION, batches, coloured_split
-from erase.digits.model import MODEL_DIR
+from erase.digits.paths import MODEL_DIR
 from erase.digits.prompts import (
     COLOURS,
     build_tokenizer,

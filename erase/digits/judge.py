@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from erase.atomic import replace_path
 from erase.digits.data import RESOLUTION, SPLITS, batches, coloured_split
-from erase.digits.model import CLASSIFIER_PATH, cache_dir
+from erase.digits.paths import CLASSIFIER_PATH, cache_dir
 from erase.digits.prompts import COLOURS
 
 logger = logging.getLogger("erase.digits")

@@ -1,26 +1,20 @@
-"""Where the embedded model lives: its shipped assets, the cache, and `--model digits`."""
+"""`--model digits`: recognising the embedded model (and models erased from it), its sampler
+defaults, and resolving it to a folder (trained into the cache on first use if missing)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
+
+from erase.digits import paths
+from erase.digits.paths import cache_dir
 
 logger = logging.getLogger("erase.digits")
 
 MODEL_NAME = "digits"
 DEFAULT_STEPS = 25  # DDIM steps
 DEFAULT_GUIDANCE = 5.0  # classifier-free guidance scale
-
-ASSET_DIR = Path(__file__).resolve().parents[1] / "assets"
-MODEL_DIR = ASSET_DIR / "digits-sd"
-CLASSIFIER_PATH = ASSET_DIR / "digits_classifier.safetensors"
-
-
-def cache_dir() -> Path:
-    """Where models trained on first use go: $ERASE_CACHE_DIR, else ~/.cache/erase."""
-    return Path(os.environ.get("ERASE_CACHE_DIR", Path.home() / ".cache" / "erase"))
 
 
 def is_digits_model(name_or_path: str, _depth: int = 0) -> bool:
@@ -42,7 +36,7 @@ def resolve_model(name_or_path: str) -> str:
     """Map "digits" to the embedded pipeline's folder (trained on first use if missing); pass others through."""
     if name_or_path != MODEL_NAME:
         return name_or_path
-    for folder in (MODEL_DIR, cache_dir() / "digits-sd"):
+    for folder in (paths.MODEL_DIR, cache_dir() / "digits-sd"):
         if (folder / "model_index.json").is_file():
             return str(folder)
     folder = cache_dir() / "digits-sd"
