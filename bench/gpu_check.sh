@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU checks of "Stable Diffusion on a GPU" in one command, for a session lent the GPU machine:
+#   bash bench/gpu_check.sh OUT_DIR                 # on the GPU (about 8 minutes on an H200, not yet timed)
+#   TINY=1 bash bench/gpu_check.sh /tmp/gpu-dry     # the same path on the CPU, tiny configs (a dry run)
+# 1. every method in bf16 and fp16 end to end on a tiny pipeline (tests marked cuda);
+# 2. bench/sd_gpu.py on the SD v1.4 architecture, bf16, with and without gradient checkpointing,
+#    scaled to NUM_IMAGES images per set (the full recipe's time is projected from the measured rates).
+set -euo pipefail
+out=${1:?usage: bench/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+n=${NUM_IMAGES:-96}
+py=${PYTHON:-python}
+size=()
+if [ -n "${TINY:-}" ]; then size=(--tiny --generation-steps 2 --max-train-steps 3 --train-batch-size 2); n=4; fi
+"$py" -m pytest -q -m cuda tests/ 2>&1 | tail -n 15 | tee "$out/cuda_tests.txt"
+for ckpt in --gradient-checkpointing ""; do
+    name=sd_gpu_bf16${ckpt:+_checkpointing}
+    "$py" bench/sd_gpu.py "${size[@]}" --mixed-precision bf16 --num-images "$n" $ckpt --out "$out/$name.json"
+done
