@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from erase.atomic import replace_dir, write_json
+from erase.atomic import replace_dir, replace_path, write_json
 
 
 def test_write_json_converts_and_replaces(tmp_path: Path) -> None:
@@ -42,3 +42,24 @@ def test_replace_dir_swaps_a_folder_or_keeps_the_old_one(tmp_path: Path) -> None
         replace_dir(target, fail)
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial folder left
+
+
+def test_published_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    """A writer that creates its file with mkstemp (mode 0600, as safetensors does) still publishes
+    a file with the permissions of any other: 0666 less the umask."""
+    import os
+    import stat
+    import tempfile
+
+    def write(tmp: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=tmp.parent)
+        os.write(fd, b"x")
+        os.close(fd)
+        os.replace(name, tmp)
+
+    umask = os.umask(0o022)
+    try:
+        target = replace_path(tmp_path / "mask.safetensors", write)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
