@@ -53,9 +53,7 @@ from erase.erasure import (  # noqa: E402
     saliency_mask,
     train_steps,
 )
-from erase.objectives import (  # noqa: E402
-    ESD_TARGETS,
-)
+from erase.objectives import ESD_TARGETS  # noqa: E402
 from erase.saliency import (  # noqa: E402
     load_mask,
     mask_fraction,
