@@ -36,11 +36,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import (  # bench/common.py (the scripts run from bench/)
+    machine,
+    save_results,
+)
 
-from erase.classifier import UnlearnConfig, accuracy, evaluate, load_dataset, parse_forget, train_original, unlearn
-from erase.worst_case import WorstCaseConfig, build_prompt_problem, classifier_problem, digits_candidates, random_start, resolve_size, search
-
-from common import machine, save_results  # bench/common.py (the scripts run from bench/)
+from erase.classifier import (
+    UnlearnConfig,
+    accuracy,
+    evaluate,
+    load_dataset,
+    parse_forget,
+    train_original,
+    unlearn,
+)
+from erase.worst_case import (
+    WorstCaseConfig,
+    build_prompt_problem,
+    classifier_problem,
+    digits_candidates,
+    random_start,
+    resolve_size,
+    search,
+)
 
 METRICS = ("UA", "RA", "TA", "MIA")
 DATA_METHODS = ("ft", "rl", "salun")
@@ -187,14 +205,21 @@ def erase_prompt_set(pipe, problem, forget_items: list[int], args, seed: int):
     the saliency mask from the forget images; Adam under MaskedUpdate, `prompt_steps` steps of 8 + 8."""
     from accelerate import Accelerator
 
-    from erase.erasure import ErasureData, TrainConfig, masked_optimizer, saliency_mask, train_steps
+    from erase.conditioning import cat
+    from erase.erasure import (
+        ErasureData,
+        TrainConfig,
+        masked_optimizer,
+        saliency_mask,
+        train_steps,
+    )
 
     d, p = problem.data, len(problem.data.embeds)
     forget = torch.isin(d.prompt_of, torch.tensor(forget_items))
     data = ErasureData(  # prompt rows: the empty prompt, the candidates, their anchors
         forget_latents=d.latents[forget], forget_prompt=1 + d.prompt_of[forget], anchor_prompt=1 + p + d.prompt_of[forget],
         retain_latents=d.latents[~forget], retain_prompt=1 + d.prompt_of[~forget],
-        prompt_embeds=torch.cat([d.uncond_embeds, d.embeds, d.anchor_embeds]).float())
+        prompt_embeds=cat([d.uncond_embeds, d.embeds, d.anchor_embeds]).float())
     cfg = TrainConfig(forget_prompt=["(the chosen candidates)"], train_batch_size=8, saliency_batch_size=8,
                       max_train_steps=args.prompt_steps, learning_rate=args.prompt_lr, beta=args.beta,
                       mask_ratio=args.mask_ratio, seed=seed)
@@ -264,9 +289,9 @@ def prompt_seed(seed: int, pipe, classifier, args) -> dict:
 
 
 def prompt_part(args) -> dict:
+    from erase.cli import quiet_libraries
     from erase.digits import MODEL_DIR, load_digits_classifier
     from erase.sd import load_pipeline
-    from erase.cli import quiet_libraries
 
     model = Path(args.model or MODEL_DIR)
     if not (model / "model_index.json").is_file():

@@ -14,9 +14,10 @@ from accelerate import Accelerator
 
 from erase.cli import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept
+from erase.conditioning import Conditioning
 from erase.objectives import esd_loss, noised, saliency_loss, salun_loss, step_generator
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask
-from erase.sd import encode_images, encode_prompts, image_set
+from erase.sd import encode_images, encode_prompts, frozen_parts, image_set
 
 __all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "frozen_copy", "hold_frozen", "masked_optimizer",
            "prepare_data", "release_frozen", "saliency_mask", "train_steps"]
@@ -106,9 +107,9 @@ class ErasureData:
     anchor_prompt: torch.Tensor  # (N,) row of the c' paired with it
     retain_latents: torch.Tensor  # (M, 4, h, w)
     retain_prompt: torch.Tensor  # (M,)
-    prompt_embeds: torch.Tensor  # (P, 77, D); row 0 is the empty prompt
+    prompt_embeds: Conditioning  # P rows (hidden states (P, 77, D), SDXL's added conditioning); row 0: the empty prompt
 
-    def embeds(self, rows: torch.Tensor) -> torch.Tensor:
+    def embeds(self, rows: torch.Tensor) -> Conditioning:
         return self.prompt_embeds[rows]
 
 
@@ -134,7 +135,7 @@ def prepare_data(pipe, cfg, concept: Concept, accelerator: Accelerator, autocast
         anchor_prompt=rows(anchor_prompts),
         retain_latents=encode_images(pipe, retain_images).float(),
         retain_prompt=rows(retain_prompts),
-        prompt_embeds=encode_prompts(pipe, distinct).float(),
+        prompt_embeds=encode_prompts(pipe, distinct, resolution=cfg.resolution).float(),
     )
 
 
@@ -179,13 +180,15 @@ def saliency_mask(unet, scheduler, data: ErasureData, cfg, accelerator: Accelera
 
 
 def hold_frozen(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
-    """Put the frozen VAE and text encoder on `device` in `dtype` for generation and encoding;
-    return their original weights (which stay where they were) for `release_frozen`."""
+    """Put the frozen VAE and text encoder(s) on `device` in `dtype` for generation and encoding
+    (a VAE whose config asks to be upcast, as SDXL's does, stays fp32 under fp16); return their
+    original weights (which stay where they were) for `release_frozen`."""
     originals = {}
-    for name in ("vae", "text_encoder"):
+    for name in frozen_parts(pipe):
         module = getattr(pipe, name).requires_grad_(False)
         originals[name] = dict(module.state_dict())  # the tensors themselves, not copies
-        module.to(device, dtype)
+        upcast = name == "vae" and dtype == torch.float16 and getattr(module.config, "force_upcast", False)
+        module.to(device, torch.float32 if upcast else dtype)
     return originals
 
 

@@ -1,9 +1,16 @@
-"""Losses of the Stable Diffusion path (SalUn, Fan et al. ICLR 2024; ESD, Gandikota et al. 2023)."""
+"""Losses of the Stable Diffusion path (SalUn, Fan et al. ICLR 2024; ESD, Gandikota et al. 2023).
+
+Every conditioning argument (`*_hidden_states`) is the text encoder's hidden states (B, 77, D)
+or an `erase.conditioning.Conditioning`, which also carries SDXL's added conditioning. Targets
+are in the model's own prediction space: noise, or the velocity for v-prediction models.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from erase.conditioning import Conditioning, cat, unet_kwargs
 
 __all__ = [
     "ESD_TARGETS",
@@ -29,15 +36,15 @@ def guided_prediction(
     unet: torch.nn.Module,
     noisy_latents: torch.Tensor,
     timesteps: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    uncond_hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | Conditioning,
+    uncond_hidden_states: torch.Tensor | Conditioning,
     guidance_scale: float,
 ) -> torch.Tensor:
     """Classifier-free guidance in one batched pass: eps_cfg = (1 + g) eps(x_t, c) - g eps(x_t, empty)."""
     model_pred = unet(
         torch.cat([noisy_latents, noisy_latents]),
         torch.cat([timesteps, timesteps]),
-        encoder_hidden_states=torch.cat([encoder_hidden_states, uncond_hidden_states]),
+        **unet_kwargs(cat([encoder_hidden_states, uncond_hidden_states])),
     ).sample
     eps_cond, eps_uncond = model_pred.chunk(2)
     return (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
@@ -48,15 +55,15 @@ def saliency_loss(
     noisy_latents: torch.Tensor,
     timesteps: torch.Tensor,
     noise: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    uncond_hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | Conditioning,
+    uncond_hidden_states: torch.Tensor | Conditioning,
     guidance_scale: float = 7.5,
 ) -> torch.Tensor:
     """Forget loss whose gradient gives the SalUn mask (SalUn Eq. 8, the MSE of the
     classifier-free-guided prediction): eps_cfg = (1 + g) eps(x_t, c) - g eps(x_t, empty).
 
     Returned negated as in the paper; the sign does not change |gradient|.
-    noisy_latents, noise: (B, 4, h, w); *_hidden_states: (B, 77, D).
+    noisy_latents, noise: (B, 4, h, w); *_hidden_states: (B, 77, D), or a `Conditioning` (SDXL).
     """
     eps_cfg = guided_prediction(unet, noisy_latents, timesteps, encoder_hidden_states, uncond_hidden_states, guidance_scale)
     return -F.mse_loss(eps_cfg.float(), noise.float())
@@ -66,15 +73,15 @@ def saliency_loss(
 def anchor_target(unet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                   anchor_hidden_states: torch.Tensor) -> torch.Tensor:
     """SalUn's forget target: stopgrad(eps(x_t, c')), the model's own prediction under the anchor."""
-    return unet(noisy_latents, timesteps, encoder_hidden_states=anchor_hidden_states).sample
+    return unet(noisy_latents, timesteps, **unet_kwargs(anchor_hidden_states)).sample
 
 
 @torch.no_grad()
 def esd_target(frozen_unet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                encoder_hidden_states: torch.Tensor, uncond_hidden_states: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
     """ESD's target (Gandikota et al. 2023, Eq. 2): eps*(x_t) - eta * (eps*(x_t, c) - eps*(x_t))."""
-    eps_c = frozen_unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
-    eps_0 = frozen_unet(noisy_latents, timesteps, encoder_hidden_states=uncond_hidden_states).sample
+    eps_c = frozen_unet(noisy_latents, timesteps, **unet_kwargs(encoder_hidden_states)).sample
+    eps_0 = frozen_unet(noisy_latents, timesteps, **unet_kwargs(uncond_hidden_states)).sample
     return eps_0 - eta * (eps_c - eps_0)
 
 
@@ -128,7 +135,7 @@ def salun_loss(
     model_pred = unet(
         torch.cat([forget["noisy_latents"], retain["noisy_latents"]]),
         torch.cat([forget["timesteps"], retain["timesteps"]]),
-        encoder_hidden_states=torch.cat([forget["encoder_hidden_states"], retain["encoder_hidden_states"]]),
+        **unet_kwargs(cat([forget["encoder_hidden_states"], retain["encoder_hidden_states"]])),
     ).sample
     forget_pred, retain_pred = model_pred.split([len(target), len(retain["target"])])
     forget_loss = F.mse_loss(forget_pred.float(), target.float())
@@ -150,7 +157,7 @@ def esd_loss(
     """
     x, t = forget["noisy_latents"], forget["timesteps"]
     target = esd_target(frozen_unet, x, t, forget["encoder_hidden_states"], forget["uncond_hidden_states"], eta)
-    model_pred = unet(x, t, encoder_hidden_states=forget["encoder_hidden_states"]).sample
+    model_pred = unet(x, t, **unet_kwargs(forget["encoder_hidden_states"])).sample
     loss = F.mse_loss(model_pred.float(), target.float())
     return loss, {"forget_loss": loss.detach()}
 

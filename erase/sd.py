@@ -1,7 +1,10 @@
-"""Stable Diffusion wrapper: load any StableDiffusionPipeline-format model and generate.
+"""Stable Diffusion wrapper: load a model of a supported family, encode, and generate.
 
+Families: `StableDiffusionPipeline` (SD 1.x and 2.x, epsilon or v-prediction) and
+`StableDiffusionXLPipeline` (SDXL: two text encoders, pooled embeddings, size/crop time ids).
 The same code serves the embedded digits model, a local folder and a hub id such as
-CompVis/stable-diffusion-v1-4. Device and dtype always come from the caller.
+CompVis/stable-diffusion-v1-4 or stabilityai/stable-diffusion-xl-base-1.0. Device and dtype
+always come from the caller.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 from tqdm.auto import tqdm
 
 from erase.atomic import replace_dir
 from erase.cli import check_model
+from erase.conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
 _DIFFUSERS_VERSION = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
@@ -39,8 +47,8 @@ SD_V1_UNET_CONFIG = dict(
     attention_head_dim=8,
 )
 
-__all__ = ["encode_images", "encode_prompts", "generate", "image_set", "load_pipeline", "model_key", "resolve_model",
-           "sampler_defaults"]
+__all__ = ["FAMILIES", "encode_images", "encode_prompts", "frozen_parts", "generate", "image_set", "is_sdxl", "load_pipeline",
+           "model_key", "pipeline_class", "resolve_model", "sampler_defaults"]
 
 SD_STEPS, SD_GUIDANCE = 50, 7.5  # Stable Diffusion's sampler defaults (the diffusers pipeline's)
 
@@ -62,27 +70,49 @@ def sampler_defaults(name_or_path: str) -> tuple[int, float]:
     return (DEFAULT_STEPS, DEFAULT_GUIDANCE) if is_digits_model(name_or_path) else (SD_STEPS, SD_GUIDANCE)
 
 
-def load_pipeline(
-    name_or_path: str,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> StableDiffusionPipeline:
-    """Load a pipeline folder or hub id, without the safety checker; one clear error if missing."""
+# The pipeline classes this toolkit erases from, by model_index.json's `_class_name`.
+FAMILIES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+
+
+def pipeline_class(name_or_path: str) -> type[DiffusionPipeline]:
+    """The supported pipeline class of a folder or hub id (from its model_index.json, nothing else
+    loaded); one clear error for anything else."""
+    path = resolve_model(name_or_path)
+    try:
+        name = DiffusionPipeline.load_config(path).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load model {name_or_path!r} (offline, or not a diffusers pipeline?): {err}".splitlines()[0]) from err
+    if name not in FAMILIES:
+        raise ValueError(f"{name_or_path} is a {name}; supported: StableDiffusionPipeline (SD 1.x, 2.x), "
+                         "StableDiffusionXLPipeline (SDXL)")
+    return FAMILIES[name]
+
+
+def is_sdxl(pipe) -> bool:
+    return isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """Load a pipeline folder or hub id of a supported family, without a safety checker; one clear
+    error if it is missing or of another kind."""
     check_model(name_or_path)
+    cls = pipeline_class(name_or_path)
     path = resolve_model(name_or_path)
     # diffusers 0.42 renamed torch_dtype to dtype
-    dtype_arg = {"dtype": dtype} if _DIFFUSERS_VERSION >= (0, 42) else {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype} if _DIFFUSERS_VERSION >= (0, 42) else {"torch_dtype": dtype}
+    if cls is StableDiffusionPipeline:
+        kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **dtype_arg)
+        pipe = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load model {name_or_path!r} (offline, or not a Stable Diffusion pipeline?): {err}".splitlines()[0]) from err
+        raise ValueError(f"cannot load model {name_or_path!r}: {err}".splitlines()[0]) from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 @torch.no_grad()
 def generate(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompts: Sequence[str],
     seeds: Sequence[int],
     num_inference_steps: int,
@@ -116,8 +146,12 @@ def generate(
 
 
 @torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Text-encoder hidden states (N, 77, D) for each prompt, as the UNet's cross-attention sees them."""
+def encode_prompts(pipe, prompts: Sequence[str], batch_size: int = 64, resolution: int | None = None) -> Conditioning:
+    """What the UNet is conditioned on for each prompt: the text encoder's hidden states (N, 77, D);
+    for SDXL also the pooled embedding and the time ids of a `resolution`-square image (default:
+    the model's), with the empty prompt zeroed where the pipeline does so for guidance."""
+    if is_sdxl(pipe):
+        return _encode_sdxl(pipe, prompts, batch_size, resolution)
     out = []
     for i in range(0, len(prompts), batch_size):
         ids = pipe.tokenizer(
@@ -128,11 +162,27 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str], batch_
             return_tensors="pt",
         ).input_ids.to(pipe.text_encoder.device)
         out.append(pipe.text_encoder(ids)[0])
-    return torch.cat(out)
+    return Conditioning(torch.cat(out))
+
+
+def _encode_sdxl(pipe, prompts: Sequence[str], batch_size: int, resolution: int | None) -> Conditioning:
+    hidden, pooled = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i : i + batch_size])
+        h, _, p, _ = pipe.encode_prompt(chunk, device=pipe.text_encoder_2.device, num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)
+        if pipe.config.force_zeros_for_empty_prompt:  # the pipeline's unconditional input is zeros
+            empty = torch.tensor([not c.strip() for c in chunk], device=h.device)
+            h, p = h.masked_fill(empty[:, None, None], 0), p.masked_fill(empty[:, None], 0)
+        hidden.append(h)
+        pooled.append(p)
+    size = resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=hidden[0].dtype, device=hidden[0].device)
+    return Conditioning(torch.cat(hidden), torch.cat(pooled), time_ids.expand(len(prompts), -1))
 
 
 @torch.no_grad()
-def encode_images(pipe: StableDiffusionPipeline, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+def encode_images(pipe, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
     """VAE latents (N, 4, h, w) scaled by the VAE's scaling factor (the posterior mean: deterministic)."""
     vae = pipe.vae
     out = []
@@ -142,6 +192,11 @@ def encode_images(pipe: StableDiffusionPipeline, images: Sequence[Image.Image], 
     return torch.cat(out)
 
 
+def frozen_parts(pipe) -> list[str]:
+    """The components an erasure never trains: the VAE and every text encoder."""
+    return [name for name in ("vae", "text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+
+
 def model_key(pipe) -> str:
     """What names the model in a cache key: the absolute folder, or the hub id."""
     name = pipe.name_or_path
@@ -149,7 +204,7 @@ def model_key(pipe) -> str:
 
 
 def image_set(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompts: Sequence[str],
     num_images: int,
     seed: int,
@@ -169,7 +224,7 @@ def image_set(
     key = {"model": model_key(pipe), "prompts": chosen, "seeds": seeds, "steps": num_inference_steps,
            "guidance": guidance_scale, "resolution": resolution, "scheduler": type(pipe.scheduler).__name__,
            "device": pipe.device.type, "autocast": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
-           "dtypes": {name: str(getattr(pipe, name).dtype).removeprefix("torch.") for name in ("unet", "vae", "text_encoder")}}
+           "dtypes": {name: str(getattr(pipe, name).dtype).removeprefix("torch.") for name in frozen_parts(pipe) + ["unet"]}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / digest
     if (folder / "index.json").is_file():

@@ -57,6 +57,57 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """SDXL's structure in miniature (as diffusers' own SDXL tests build it): two text encoders
+    whose hidden states are concatenated (32 + 32), a pooled projection, and a UNet with
+    `text_time` added conditioning; 16x16 images."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from erase.digits import build_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        sample_size=32, force_upcast=True, scaling_factor=0.13025,
+    )
+    tokenizer = build_tokenizer()
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=32)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config), tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
+def build_tiny_sd2_pipeline(seed: int = 0):
+    """SD 2.x's distinctions in miniature: a v-prediction scheduler, linear attention projections."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    pipe = build_tiny_pipeline(seed)
+    torch.manual_seed(seed + 1)
+    pipe.unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+    )
+    pipe.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                   set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    pipe.register_modules(unet=pipe.unet, scheduler=pipe.scheduler)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
     """A tiny random pipeline saved as a diffusers folder (safetensors)."""
@@ -71,3 +122,13 @@ def digits():
     from erase.classifier import load_dataset
 
     return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_paths(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SDXL and SD 2.x (v-prediction) pipelines saved as diffusers folders."""
+    root = tmp_path_factory.mktemp("families")
+    paths = {"sdxl": root / "sdxl", "sd2": root / "sd2"}
+    build_tiny_sdxl_pipeline().save_pretrained(paths["sdxl"], safe_serialization=True)
+    build_tiny_sd2_pipeline().save_pretrained(paths["sd2"], safe_serialization=True)
+    return paths

@@ -78,11 +78,14 @@ def test_masked_out_weights_and_frozen_modules_unchanged(erased_nudity: Path, ti
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
 
 
-def test_output_loads_in_a_process_that_never_imports_the_project(erased_nudity: Path) -> None:
+def assert_loads_without_the_project(folder: Path, loader: str = "StableDiffusionPipeline", checks: str = "") -> None:
+    """`loader.from_pretrained(folder)` in a fresh interpreter that never imports this project
+    generates a 16x16 image; `checks` are extra lines of Python run there on `pipe`."""
     code = (
         "import sys, torch\n"
-        "from diffusers import StableDiffusionPipeline\n"
-        f"pipe = StableDiffusionPipeline.from_pretrained({str(erased_nudity)!r})\n"
+        f"from diffusers import {loader}\n"
+        f"pipe = {loader}.from_pretrained({str(folder)!r})\n"
+        + checks +
         "img = pipe('a photo of a nude person', num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]\n"
         "assert img.size == (16, 16)\n"
         "assert not any(m == 'erase' or m.startswith('erase.') for m in sys.modules), 'project imported'\n"
@@ -90,6 +93,10 @@ def test_output_loads_in_a_process_that_never_imports_the_project(erased_nudity:
     )
     proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120, cwd="/")
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_output_loads_in_a_process_that_never_imports_the_project(erased_nudity: Path) -> None:
+    assert_loads_without_the_project(erased_nudity)
 
 
 def test_generated_sets_are_cached_and_reused(erased_nudity: Path) -> None:
@@ -118,9 +125,11 @@ def test_esd_trains_its_subset(method: str, touched: str, tiny_sd_path: Path, tm
         assert not any(".attn2." in k for k in moved)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_sd_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
+def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_path: Path) -> None:
+    model = request.getfixturevalue("tiny_sd_path") if family == "sd1" else request.getfixturevalue("tiny_family_paths")["sdxl"]
     common = ["--concept", "nudity", "--checkpointing-steps", "2"]
-    args = lambda out: common + small_run(tiny_sd_path, out, tmp_path / "cache") + ["--max-train-steps", "8"]  # noqa: E731
+    args = lambda out: common + small_run(model, out, tmp_path / "cache") + ["--max-train-steps", "8"]  # noqa: E731
     full = run_train(args(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
 

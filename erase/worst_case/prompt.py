@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from erase.cli import quiet_libraries
+from erase.conditioning import Conditioning, unet_kwargs
 from erase.objectives import (
     anchor_target,
     esd_target,
@@ -48,9 +49,9 @@ class PromptData:
 
     latents: torch.Tensor  # (N, 4, h, w)
     prompt_of: torch.Tensor  # (N,) candidate index of each image
-    embeds: torch.Tensor  # (P, 77, D): c
-    anchor_embeds: torch.Tensor  # (P, 77, D): c'
-    uncond_embeds: torch.Tensor  # (1, 77, D): the empty prompt
+    embeds: Conditioning  # P rows: c
+    anchor_embeds: Conditioning  # P rows: c'
+    uncond_embeds: Conditioning  # 1 row: the empty prompt
 
 
 class PromptProblem:
@@ -105,7 +106,7 @@ class PromptProblem:
         """(retain_j, forget_j, prediction) per image of the batch; the prediction carries the graph."""
         x, t = batch["noisy_latents"], batch["timesteps"]
         cond = self._cond(batch, self.data.embeds)
-        model_pred = unet(x, t, encoder_hidden_states=cond).sample
+        model_pred = unet(x, t, **unet_kwargs(cond)).sample
         if self.frozen is not None:
             uncond = self.data.uncond_embeds.to(self.device).expand(len(x), -1, -1)
             target = esd_target(self.frozen, x, t, cond, uncond, self.eta)
@@ -158,14 +159,14 @@ class PromptProblem:
     def _denoising(self, unet: nn.Module, batch) -> torch.Tensor:
         """The upper-level forget loss per image (see `upper_loss`)."""
         x, t = batch["noisy_latents"], batch["timesteps"]
-        pred = unet(x, t, encoder_hidden_states=self._cond(batch, self.data.embeds)).sample
+        pred = unet(x, t, **unet_kwargs(self._cond(batch, self.data.embeds))).sample
         loss = mse_per_sample(pred, batch["target"])
         if self.upper_loss == "contrast":  # minus the same loss under the anchor (ESD: the empty prompt)
             if self.frozen is not None:
                 reference = self.data.uncond_embeds.to(self.device).expand(len(x), -1, -1)
             else:
                 reference = self._cond(batch, self.data.anchor_embeds)
-            loss = loss - mse_per_sample(unet(x, t, encoder_hidden_states=reference).sample, batch["target"])
+            loss = loss - mse_per_sample(unet(x, t, **unet_kwargs(reference)).sample, batch["target"])
         return loss
 
     @torch.no_grad()
@@ -231,14 +232,15 @@ def build_prompt_problem(cfg: WorstCaseConfig, pipe, prompts: Sequence[str], anc
     """The prompt-wise problem on `pipe`'s UNet, on `device` (default: the pipeline's)."""
     from diffusers import DDPMScheduler
 
-    from erase.sd import sampler_defaults
+    from erase.sd import frozen_parts, sampler_defaults
 
     steps, guidance = sampler_defaults(cfg.model)
     data = prepare_prompt_data(pipe, prompts, anchors, cfg.images_per_prompt, cfg.generation_steps or steps,
                                cfg.guidance_scale if cfg.guidance_scale is not None else guidance, cfg.cache_dir)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for name in frozen_parts(pipe):
+        getattr(pipe, name).requires_grad_(False)
     return PromptProblem(pipe.unet, scheduler, data, cfg.lower_options(), beta=cfg.beta, eval_draws=cfg.eval_draws,
                          upper_loss=cfg.prompt_loss, device=device)
 
