@@ -14,21 +14,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-
 import torch
-from common import (  # bench/common.py (the scripts run from bench/)
-    machine,
-    save_results,
-)
 
-from erase.classifier import (
-    UnlearnConfig,
-    evaluate,
-    load_dataset,
-    parse_forget,
-    train_original,
-    unlearn,
-)
+from erase.classifier import UnlearnConfig, evaluate, load_dataset, parse_forget, train_original, unlearn
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 METRICS = ("UA", "RA", "TA", "MIA")
 METHODS = ("ft", "ga", "rl", "l1-sparse", "salun")

@@ -13,16 +13,14 @@ wordings never used in training ("a seven in red"), the classifier on real held-
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from common import save_results  # noqa: E402  (bench/common.py)
 
 from erase.cli import versions  # noqa: E402
 from erase.digits import (  # noqa: E402
@@ -42,6 +40,8 @@ from erase.digits import (  # noqa: E402
 from erase.sd import generate, load_pipeline  # noqa: E402
 from eval.classes import class_samples, digits_task, evaluate_classes, summarise  # noqa: E402
 from eval.generate import Generated, Sample, generate_samples  # noqa: E402
+
+from common import save_results  # noqa: E402  (bench/common.py)
 
 # Wordings the model never saw in training (all words are in its vocabulary).
 UNSEEN_WORDINGS = ("a {word} in {colour}", "{colour} {word}")

@@ -20,24 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (  # bench/common.py (the scripts run from bench/)
-    machine,
-    save_results,
-)
 
 from erase.concepts import load_concept
 from erase.digits import (
-    COLOURS,
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    DIGIT_WORDS,
-    classify_images,
-    load_digits_classifier,
-    prompt_for,
+    COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DIGIT_WORDS, classify_images, load_digits_classifier, prompt_for,
 )
-from erase.sd import generate, load_pipeline
 from eval.classes import digits_task, evaluate_classes
 from eval.generate import Sample
+from erase.sd import generate, load_pipeline
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("salun", "rl", "esd-x", "esd-u")

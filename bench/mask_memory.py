@@ -14,21 +14,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import (  # bench/common.py (the scripts run from bench/)
-    machine,
-    save_results,
-)
 from diffusers import UNet2DConditionModel
 
 from erase.objectives import saliency_loss
-from erase.saliency import (
-    compute_saliency_mask,
-    global_topk_mask,
-    mask_fraction,
-    save_mask,
-)
+from erase.saliency import compute_saliency_mask, global_topk_mask, mask_fraction, save_mask
 from erase.sd import SD_V1_UNET_CONFIG
 
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 def rss_gib() -> float:
     with open("/proc/self/statm") as f:

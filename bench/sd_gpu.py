@@ -25,14 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import (  # bench/common.py (the scripts run from bench/)
-    machine,
-    save_results,
-)
 from torch.utils.flop_counter import FlopCounterMode
 
 from erase.objectives import salun_loss
 from erase.sd import SD_V1_UNET_CONFIG
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s), by device-name substring.
@@ -56,12 +54,7 @@ TINY_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=64, intermediate_size=128,
 
 def build_pipeline(out: Path, tiny: bool) -> dict[str, float]:
     """Save a pipeline of the SD v1.4 architecture (or a tiny one) with random weights; its sizes."""
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from erase.digits import build_tokenizer

@@ -14,16 +14,14 @@ import statistics
 import time
 
 import torch
-from common import (  # bench/common.py (the scripts run from bench/)
-    machine,
-    save_results,
-)
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from erase.erasure import masked_optimizer
 from erase.objectives import salun_loss
+from erase.erasure import masked_optimizer
 from erase.sd import SD_V1_UNET_CONFIG
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 
 def make_batch(b: int, s: int, device: str) -> tuple[dict, dict]:

@@ -36,29 +36,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import (  # bench/common.py (the scripts run from bench/)
-    machine,
-    save_results,
-)
 
-from erase.classifier import (
-    UnlearnConfig,
-    accuracy,
-    evaluate,
-    load_dataset,
-    parse_forget,
-    train_original,
-    unlearn,
-)
-from erase.worst_case import (
-    WorstCaseConfig,
-    build_prompt_problem,
-    classifier_problem,
-    digits_candidates,
-    random_start,
-    resolve_size,
-    search,
-)
+from erase.classifier import UnlearnConfig, accuracy, evaluate, load_dataset, parse_forget, train_original, unlearn
+from erase.worst_case import WorstCaseConfig, build_prompt_problem, classifier_problem, digits_candidates, random_start, resolve_size, search
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
 METRICS = ("UA", "RA", "TA", "MIA")
 DATA_METHODS = ("ft", "rl", "salun")
@@ -206,13 +188,7 @@ def erase_prompt_set(pipe, problem, forget_items: list[int], args, seed: int):
     from accelerate import Accelerator
 
     from erase.conditioning import cat
-    from erase.erasure import (
-        ErasureData,
-        TrainConfig,
-        masked_optimizer,
-        saliency_mask,
-        train_steps,
-    )
+    from erase.erasure import ErasureData, TrainConfig, masked_optimizer, saliency_mask, train_steps
 
     d, p = problem.data, len(problem.data.embeds)
     forget = torch.isin(d.prompt_of, torch.tensor(forget_items))
@@ -289,9 +265,9 @@ def prompt_seed(seed: int, pipe, classifier, args) -> dict:
 
 
 def prompt_part(args) -> dict:
-    from erase.cli import quiet_libraries
     from erase.digits import MODEL_DIR, load_digits_classifier
     from erase.sd import load_pipeline
+    from erase.cli import quiet_libraries
 
     model = Path(args.model or MODEL_DIR)
     if not (model / "model_index.json").is_file():
