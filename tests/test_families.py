@@ -118,13 +118,14 @@ def test_other_pipeline_kinds_are_refused_in_one_line(tiny_sd_path: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_sdxl_compare_and_app_handler(tiny_family_paths, tmp_path: Path) -> None:
-    """`python -m eval compare` and the app's generate handler on an erased SDXL model."""
-    out = tmp_path / "out"
-    assert erase(tiny_family_paths["sdxl"], out, "salun", "--max-train-steps", "1").returncode == 0
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_compare_and_app_handler(family: str, tiny_family_paths, tmp_path: Path) -> None:
+    """`python -m eval compare` and the app's generate handler on an erased model of each family."""
+    original, out = tiny_family_paths[family], tmp_path / "out"
+    assert erase(original, out, "salun", "--max-train-steps", "1").returncode == 0
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{FORGET}\n{ANCHOR}\n")
-    proc = subprocess.run([sys.executable, "-m", "eval", "compare", str(tiny_family_paths["sdxl"]), str(out), "--prompts",
+    proc = subprocess.run([sys.executable, "-m", "eval", "compare", str(original), str(out), "--prompts",
                            str(prompts), "--metrics", "nudity", "--images-per-prompt", "1", "--steps", "2",
                            "--out", str(tmp_path / "report")], env=ENV, capture_output=True, text=True, timeout=300,
                           cwd=Path(TRAIN).parents[1])
@@ -134,7 +135,7 @@ def test_sdxl_compare_and_app_handler(tiny_family_paths, tmp_path: Path) -> None
 
     import app
 
-    demo = app.build_app(str(tiny_family_paths["sdxl"]), str(out), labeller=None, steps=2, guidance=5.0)
+    demo = app.build_app(str(original), str(out), labeller=None, steps=2, guidance=5.0)
     handler = next(fn.fn for fn in demo.fns.values() if fn.name == "run")
     original, erased, caption = handler(FORGET, 0, 2, 5.0, 2, False)
     assert len(original) == 2 and len(erased) == 2 and "seeds 0-1" in caption
