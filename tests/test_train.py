@@ -202,19 +202,20 @@ def test_bad_input_from_the_command_line_prints_exactly_one_line(tiny_sd_path: P
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown concept") and proc.stderr.count("\n") == 1, proc.stderr
 
 
-def test_existing_output_dir_and_foreign_mask_are_refused(erased_nudity: Path, tiny_sd_path: Path, tmp_path: Path) -> None:
-    keep = sorted(p.name for p in erased_nudity.iterdir())
-    proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, erased_nudity, tmp_path / "cache")])
-    assert proc.returncode != 0 and "exists and is not empty" in proc.stderr
-    assert sorted(p.name for p in erased_nudity.iterdir()) == keep
-
+def test_existing_output_dir_and_foreign_mask_are_refused(erased_nudity: Path, tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
     from erase.saliency import save_mask
+    from erase.train import main
+
+    keep = sorted(p.name for p in erased_nudity.iterdir())
+    assert main(["--concept", "nudity", *small_run(tiny_sd_path, erased_nudity, tmp_path / "cache")]) != 0
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in erased_nudity.iterdir()) == keep
 
     foreign = tmp_path / "foreign.safetensors"
     save_mask({"conv_in.weight": torch.ones(3, 3, dtype=torch.bool)}, foreign)
     out = tmp_path / "out"
-    proc = run_train(["--concept", "nudity", "--mask", str(foreign), *small_run(tiny_sd_path, out, tmp_path / "cache")])
-    assert proc.returncode != 0 and "does not fit this model" in proc.stderr
+    assert main(["--concept", "nudity", "--mask", str(foreign), *small_run(tiny_sd_path, out, tmp_path / "cache")]) != 0
+    assert "does not fit this model" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
