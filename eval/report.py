@@ -84,20 +84,23 @@ class CompareOptions:
 def compare(opts: CompareOptions, out_dir: str | os.PathLike, *, device="cpu", dtype=torch.float32,
             state=None) -> dict:
     """Generate the same samples with both models, score both, write report.json, report.md, grid.png.
-    Both models are loaded (on the CPU) before any image is generated: a bad second model fails first."""
-    from erase.sd import load_pipeline, resolve_model
+    Both models are checked (found, and of a supported kind, from their model_index.json) before
+    any image is generated; each is loaded only for its own turn."""
+    from erase.cli import check_model
+    from erase.sd import load_pipeline, pipeline_class, resolve_model
 
-    pipes = {role: load_pipeline(model, device="cpu", dtype=dtype) for role, model in
-             (("original", opts.original), ("erased", opts.erased))}
+    roles = (("original", opts.original), ("erased", opts.erased))
+    for role, model in roles:
+        check_model(model, f"{role} model")
+        pipeline_class(model)
     samples, task = _compare_samples(opts, device)
     generated = {}
-    for role, pipe in pipes.items():
-        pipe.to(device)
+    for role, model in roles:
+        pipe = load_pipeline(model, device=device, dtype=dtype)
         generated[role] = generate_samples(
             pipe, samples, opts.num_inference_steps, keep_images=True, batch_size=opts.batch_size,
             height=opts.resolution, width=opts.resolution, state=state, desc=f"generating ({role})")
-        pipe.to("cpu")
-    del pipes
+        del pipe
     report = {"options": asdict(opts), "models": {r: resolve_model(m) for r, m in
                                                   (("original", opts.original), ("erased", opts.erased))},
               "samples": [asdict(g.sample) for g in generated["original"]], "versions": versions(),

@@ -118,3 +118,20 @@ def test_a_bad_input_is_one_line_from_a_fresh_process(tmp_path: Path) -> None:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: erased folder not found")
     assert time.perf_counter() - start < 30 and not list(tmp_path.iterdir())
+
+
+def test_compare_refuses_an_unsupported_erased_model_before_generating(tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
+    """The erased model's kind is read from its model_index.json before the original's images are made."""
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_sd_path, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    start = time.perf_counter()
+    rc, err = call(eval_main, ["compare", str(tiny_sd_path), str(other), "--prompts", str(tmp_path / "prompts.txt"),
+                               "--metrics", "nudity", "--out", str(tmp_path / "report")], capsys)
+    assert rc not in (0, None) and "is a FluxPipeline; supported" in err, err
+    assert time.perf_counter() - start < 5 and not (tmp_path / "report").exists()
