@@ -62,9 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def template_report(pipe, task, n: int, steps: int, guidance: float, seed: int) -> dict:
     """Every (digit, colour) template prompt, n images each (eval.classes' seeds and tally), plus the
     colour accuracy within each digit (the same tally with the heads swapped)."""
-    report = evaluate_classes(pipe, task, class_samples(task, n, guidance, seed), steps)
-    by_sample = {p["index"]: p for p in report["predictions"]}
     samples = class_samples(task, n, guidance, seed)
+    report = evaluate_classes(pipe, task, samples, steps)
+    by_sample = {p["index"]: p for p in report["predictions"]}
     scored = [Generated(s, {"digit": by_sample[s.index]["digit"], "colour": by_sample[s.index]["colour"]}) for s in samples]
     swapped = replace(task, heads={"colour": task.heads["colour"], "digit": task.heads["digit"]})
     report["colour_accuracy_by_digit"] = summarise(swapped, scored)["accuracy_by_digit"]
