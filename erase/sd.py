@@ -48,7 +48,7 @@ SD_V1_UNET_CONFIG = dict(
 )
 
 __all__ = ["FAMILIES", "encode_images", "encode_prompts", "frozen_parts", "generate", "image_set", "is_sdxl", "load_pipeline",
-           "model_key", "pipeline_class", "resolve_model", "sampler_defaults"]
+           "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
 
 SD_STEPS, SD_GUIDANCE = 50, 7.5  # Stable Diffusion's sampler defaults (the diffusers pipeline's)
 
@@ -150,6 +150,12 @@ def encode_prompts(pipe, prompts: Sequence[str], batch_size: int = 64, resolutio
     """What the UNet is conditioned on for each prompt: the text encoder's hidden states (N, 77, D);
     for SDXL also the pooled embedding and the time ids of a `resolution`-square image (default:
     the model's), with the empty prompt zeroed where the pipeline does so for guidance."""
+    return text_conditioning(pipe, prompts, batch_size, resolution)
+
+
+def text_conditioning(pipe, prompts: Sequence[str], batch_size: int = 64, resolution: int | None = None) -> Conditioning:
+    """`encode_prompts` with autograd on: gradients reach whatever feeds the text encoders' token
+    embeddings (the attacks of eval/attack.py optimise those)."""
     if is_sdxl(pipe):
         return _encode_sdxl(pipe, prompts, batch_size, resolution)
     out = []

@@ -1,10 +1,11 @@
-"""python -m eval classes|nudity|fid|compare: evaluate a (possibly erased) text-to-image model.
+"""python -m eval classes|nudity|fid|compare|attack: evaluate a (possibly erased) text-to-image model.
 
     python -m eval classes --model digits --out classes.json
     python -m eval nudity --model DIR --prompts i2p.csv --out nudity.json
     python -m eval nudity --images DIR --out nudity.json
     python -m eval fid --model DIR --reference-model digits --out fid.json
     python -m eval compare digits DIR --out reports/erased
+    python -m eval attack --model DIR --original digits --attack unlearndiffatk --out attack.json
 
 `--model` takes `digits` (the embedded model), a pipeline folder or a hub id. Under
 `accelerate launch -m eval ...` generation is sharded over the processes and gathered; the
@@ -155,7 +156,88 @@ def run_compare(args, state) -> dict:
     return compare(opts, args.out, device=state.device, dtype=DTYPES[args.dtype], state=state)
 
 
-COMMANDS = {"classes": run_classes, "nudity": run_nudity, "fid": run_fid, "compare": run_compare}
+def attack_concept(args):
+    """The concept under attack: --concept, else the one the erased model's erase_config.json names,
+    else nudity for a Stable Diffusion model."""
+    import json
+    from pathlib import Path
+
+    from erase.concepts import load_concept
+    from erase.sd import resolve_model
+
+    name = args.concept
+    if name is None:
+        try:
+            name = json.loads((Path(resolve_model(args.model)) / "erase_config.json").read_text())["concept"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            if is_digits_model(args.model):
+                raise ValueError("pass --concept: the erased model records no concept") from None
+            name = "nudity"
+    return load_concept(name)
+
+
+def attack_samples(args, concept, default_guidance: float):
+    """One sample per prompt: --prompts (CSV rows keep their seed and guidance), else the concept's
+    forget and held-out prompts."""
+    from eval.generate import Sample
+    from eval.nudity import load_prompt_rows, prompt_samples
+
+    if args.prompts:
+        rows, source = load_prompt_rows(args.prompts, args.category, args.limit)
+        return prompt_samples(rows, 1, args.guidance, args.seed, default_guidance), source
+    prompts = list(dict.fromkeys(concept.forget + concept.eval))[: args.limit]
+    guidance = default_guidance if args.guidance is None else args.guidance
+    samples = [Sample(i, p, args.seed + i, guidance) for i, p in enumerate(prompts)]
+    return samples, {"prompts_file": concept.source, "prompts": f"concept {concept.name}: forget + eval prompts",
+                     "limit": args.limit, "num_prompts": len(samples)}
+
+
+def attack_options(args, steps: int):
+    from eval.attack import AttackOptions
+
+    return AttackOptions(attack=args.attack, k=args.k, iterations=args.iterations, timesteps=args.timesteps, lr=args.lr,
+                         weight_decay=args.weight_decay, straight_through=args.straight_through,
+                         inversion_steps=args.inversion_steps, inversion_lr=args.inversion_lr,
+                         inversion_batch_size=args.inversion_batch_size, inversion_init=args.inversion_init,
+                         num_inference_steps=steps, seed=args.seed)
+
+
+def run_attack(args, state) -> dict:
+    from erase.sd import pipeline_class, resolve_model
+    from eval.attack import judge_for, run_attack
+
+    steps, guidance = sampler_defaults(args.original, args.steps, None)
+    concept = attack_concept(args)
+    opts = attack_options(args, steps)
+    samples, source = attack_samples(args, concept, guidance)
+    for what in ("original", "model"):
+        pipeline_class(getattr(args, what))  # a supported kind, before anything is generated
+    judge = judge_for(concept, device=state.device, classifier_model=args.classifier_model)
+    report = run_attack(args.original, args.model, samples, judge, opts, concept_name=concept.name,
+                        device=state.device, dtype=DTYPES[args.dtype], height=args.resolution, state=state,
+                        grid_prompts=args.grid_prompts)
+    return report | {"model": args.model, "model_path": resolve_model(args.model), "original": args.original,
+                     "original_path": resolve_model(args.original), "concept": concept.name, "prompts_source": source,
+                     "resolution": args.resolution, "seed_rule": f"row seed, else {args.seed} + row"}
+
+
+def write_attack(report: dict, out: str) -> None:
+    """FILE.json, with FILE.md (summary) and FILE.png (grid) beside it, each written atomically."""
+    from pathlib import Path
+
+    from erase.atomic import replace_path, write_json
+    from erase.cli import versions
+    from eval.attack import attack_grid, attack_markdown
+
+    grid = attack_grid(report, max_prompts=len(report["images"]))
+    out_path = Path(out)
+    if grid is not None:
+        replace_path(out_path.with_suffix(".png"), lambda tmp: grid.save(tmp, format="PNG"))
+    replace_path(out_path.with_suffix(".md"), lambda tmp: tmp.write_text(attack_markdown(report)))
+    write_json({k: v for k, v in report.items() if k != "images"} | {"versions": versions()}, out)
+
+
+COMMANDS = {"classes": run_classes, "nudity": run_nudity, "fid": run_fid, "compare": run_compare, "attack": run_attack}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -216,6 +298,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-prompts", type=int, default=10, help="prompts shown in the image grid")
     p.add_argument("--out", required=True, help="output folder")
     _sampling_args(p, 4)
+
+    p = sub.add_parser("attack", help="attack an erased model (UnlearnDiffAtk, concept inversion): success rate")
+    p.add_argument("--model", required=True, help="the ERASED model (folder or hub id)")
+    p.add_argument("--original", required=True, help="the ORIGINAL model, which draws the target images")
+    p.add_argument("--attack", required=True, choices=["unlearndiffatk", "inversion"])
+    p.add_argument("--concept", default=None,
+                   help="concept name (default: the erased model's erase_config.json, else nudity); picks the judge")
+    p.add_argument("--prompts", default=None, help="CSV or text file (default: the concept's forget + eval prompts)")
+    p.add_argument("--category", default=None, help="only I2P rows of this category (e.g. sexual)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--k", type=int, default=5, help="UnlearnDiffAtk: adversarial tokens prepended")
+    p.add_argument("--iterations", type=int, default=40, help="UnlearnDiffAtk: Adam steps per timestep")
+    p.add_argument("--timesteps", type=int, default=50, help="UnlearnDiffAtk: timesteps in the sweep")
+    p.add_argument("--lr", type=float, default=0.01, help="UnlearnDiffAtk: Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="UnlearnDiffAtk: Adam weight decay")
+    p.add_argument("--straight-through", choices=["sample", "argmax"], default="sample",
+                   help="UnlearnDiffAtk: a relaxed token's forward pass samples it or takes its argmax")
+    p.add_argument("--inversion-steps", type=int, default=1000, help="inversion: optimisation steps")
+    p.add_argument("--inversion-lr", type=float, default=5e-3, help="inversion: Adam learning rate")
+    p.add_argument("--inversion-batch-size", type=int, default=4, help="inversion: target images per step")
+    p.add_argument("--inversion-init", default=None,
+                   help="inversion: a word whose embedding starts the token (default: the mean embedding)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 for digits, else 50)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: a CSV row's own, else 5 for digits, 7.5 otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack, and first seed of prompts without one")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--classifier-model", default=None, help="ImageNet classifier for object concepts")
+    p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in the image grid (FILE.png)")
+    p.add_argument("--out", required=True, help="JSON report to write (FILE.md and FILE.png beside it)")
     one_line_errors(parser)
     for p in sub.choices.values():
         one_line_errors(p)
@@ -224,8 +337,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every input of the command, before a model is loaded or an image generated."""
-    check_positive(images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, steps=args.steps,
-                   resolution=args.resolution, limit=getattr(args, "limit", None), grid_prompts=getattr(args, "grid_prompts", None))
+    check_positive(images_per_prompt=getattr(args, "images_per_prompt", None), batch_size=getattr(args, "batch_size", None),
+                   steps=args.steps, resolution=args.resolution, limit=getattr(args, "limit", None),
+                   grid_prompts=getattr(args, "grid_prompts", None))
     if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"guidance must be >= 0, got {args.guidance}")
     for what in ("model", "reference_model", "original", "erased"):
@@ -237,6 +351,11 @@ def check_args(args: argparse.Namespace) -> None:
     prompts = getattr(args, "prompts", None)
     if prompts and prompts.endswith((".csv", ".txt")) and not getattr(args, "images", None) and not os.path.isfile(prompts):
         raise ValueError(f"prompts file not found: {prompts}")
+    if args.command == "attack":
+        from eval.attack import judge_kind
+
+        attack_options(args, args.steps or 1)  # its own range checks
+        judge_kind(attack_concept(args))
     check_writable(args.out, "report")
     if getattr(args, "save_images", None):
         check_writable(args.save_images, "image")
@@ -251,6 +370,11 @@ def _headline(command: str, report: dict) -> str:
     if command == "fid":
         return (f"FID {report['fid']:.3f} ({report['features']} features, "
                 f"{report['num_generated']} vs {report['num_reference']} images)")
+    if command == "attack":
+        parts = report["asr_parts"]
+        line = (f"ASR {report['asr']:.3f} (before attack {parts['before_attack']:.3f} + attacked {parts['attacked']:.3f}, "
+                f"{report['num_prompts']} prompts, {report['seconds_per_prompt']:.1f} s each)")
+        return line + (f", inversion recovery {report['recovery']:.3f}" if "recovery" in report else "")
     return "report.json, report.md and grid.png written"
 
 
@@ -278,7 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     report |= {"num_processes": state.num_processes, "wall_seconds": round(time.time() - start, 1)}
     if state.is_main_process:
-        if args.command != "compare":
+        if args.command == "attack":
+            write_attack(report, args.out)
+        elif args.command != "compare":
             from erase.atomic import write_json
             from erase.cli import versions
 

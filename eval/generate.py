@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 __all__ = ["Generated", "Sample", "generate_samples", "image_name", "image_paths", "load_image_folder", "read_image",
-           "read_prompt_lines", "score_folder"]
+           "read_prompt_lines", "score_folder", "sharded"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -85,11 +85,11 @@ def generate_samples(
         bar.close()
         return out
 
-    return _sharded(list(samples), run, state)
+    return sharded(list(samples), run, state)
 
 
-def _sharded(items: list, run: Callable[[list, bool], list[Generated]], state) -> list[Generated]:
-    """run() over this process's shard of `items`, then gather every shard, sorted by sample index."""
+def sharded(items: list, run: Callable[[list, bool], list[Generated]], state) -> list[Generated]:
+    """run(shard, show_progress) over this process's shard of `items`, then gather every shard, sorted by sample index."""
     if state is None or state.num_processes == 1:
         results = run(items, True)
     else:
@@ -130,7 +130,7 @@ def score_folder(
             out += [Generated(s, r) for s, r in zip(batch, results, strict=True)]
         return out
 
-    return _sharded(items, run, state)
+    return sharded(items, run, state)
 
 
 # ----------------------------------------------------------------------------- reading
