@@ -1,0 +1,226 @@
+"""Attacks on an erased model (eval/attack.py): the relaxed tokens, the placeholders, the loss the
+attack lowers, the report, and sharding over processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from eval.attack import (
+    AttackOptions,
+    Judge,
+    PlaceholderTokens,
+    inversion_captions,
+    project_simplex,
+    straight_through_one_hot,
+    sweep_timesteps,
+    unlearndiffatk,
+)
+from eval.generate import Sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def simplex_by_sorting(a: torch.Tensor) -> torch.Tensor:
+    """The exact Euclidean projection onto the probability simplex (Duchi et al. 2008), to check against."""
+    u = a.sort(dim=-1, descending=True).values
+    css = u.cumsum(-1) - 1
+    k = torch.arange(1, a.shape[-1] + 1, device=a.device, dtype=a.dtype)
+    rho = ((u - css / k) > 0).sum(-1, keepdim=True)
+    tau = css.gather(-1, rho - 1) / rho
+    return (a - tau).clamp(min=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection_stays_on_the_simplex_and_is_the_euclidean_one(device):
+    g = torch.Generator(device=device).manual_seed(0)
+    for scale in (0.01, 1.0, 30.0):
+        a = torch.randn(5, 997, generator=g, device=device) * scale
+        p = project_simplex(a)
+        assert p.device == a.device
+        assert (p >= 0).all() and (p <= 1).all()
+        torch.testing.assert_close(p.sum(-1), torch.ones(5, device=device), atol=1e-5, rtol=0)
+        torch.testing.assert_close(p, simplex_by_sorting(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(project_simplex(p), p, atol=1e-5, rtol=0)  # a point on it stays put
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_straight_through_one_hot_is_a_token_with_a_gradient(device):
+    g = torch.Generator(device=device).manual_seed(0)
+    probs = project_simplex(torch.randn(3, 50, generator=g, device=device)).requires_grad_(True)
+    for sample in (True, False):
+        one_hot = straight_through_one_hot(probs, torch.Generator(device=device).manual_seed(1), sample=sample)
+        assert one_hot.shape == probs.shape and (one_hot.sum(-1) == 1).all() and set(one_hot.unique().tolist()) == {0.0, 1.0}
+        assert (probs.detach()[one_hot.bool()] > 0).all()  # only a token with probability can be drawn
+        if not sample:
+            assert (one_hot.argmax(-1) == probs.argmax(-1)).all()
+        upstream = torch.randn(probs.shape, generator=g, device=device) * 3
+        (grad,) = torch.autograd.grad((one_hot * upstream).sum(), probs)
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grad, upstream.clamp(-1, 1))  # straight through, clipped
+
+
+def test_sweep_matches_the_reference_attack():
+    assert sweep_timesteps(1000, 50)[:3] == [10, 30, 50] and sweep_timesteps(1000, 50)[-1] == 990
+    assert sweep_timesteps(1000, 4) == [125, 375, 625, 875]
+
+
+def test_inversion_captions_replace_the_name_or_prepend():
+    assert inversion_captions(["a red handwritten digit seven", "digit 7"], "seven", "<c>") == [
+        "a red handwritten digit <c>", "<c> digit 7"]
+
+
+@pytest.fixture(scope="module")
+def digits_pipe():
+    from erase.sd import load_pipeline
+
+    pipe = load_pipeline("digits")
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    return pipe
+
+
+def test_a_placeholder_with_a_words_embedding_is_that_word(digits_pipe):
+    """`<p> a red digit` with <p> holding the embedding of `seven` encodes exactly like `seven a red digit`;
+    on exit the text encoder has its own embedding back."""
+    from erase.sd import encode_prompts
+
+    pipe = digits_pipe
+    embedding = pipe.text_encoder.get_input_embeddings()
+    seven = pipe.tokenizer("seven", add_special_tokens=False).input_ids
+    assert len(seven) == 1
+    expected = encode_prompts(pipe, ["seven a red digit", "a red digit"]).hidden_states
+    with PlaceholderTokens(pipe, ["<p>"]) as place:
+        place.set([embedding.weight[seven]])
+        got = encode_prompts(pipe, ["<p> a red digit", "a red digit"]).hidden_states
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert pipe.text_encoder.get_input_embeddings() is embedding
+    torch.testing.assert_close(encode_prompts(pipe, ["a red digit"]).hidden_states, expected[1:], rtol=0, atol=0)
+
+
+def test_placeholders_reach_both_sdxl_text_encoders(tiny_family_paths):
+    from erase.sd import encode_prompts, load_pipeline
+
+    pipe = load_pipeline(str(tiny_family_paths["sdxl"]))
+    word = pipe.tokenizer("seven", add_special_tokens=False).input_ids
+    expected = encode_prompts(pipe, ["seven a red digit"])
+    with PlaceholderTokens(pipe, ["<p>"]) as place:
+        place.set([m[word] for m in place.embedding_matrices()])
+        got = encode_prompts(pipe, ["<p> a red digit"])
+    torch.testing.assert_close(got.hidden_states, expected.hidden_states, rtol=0, atol=0)
+    torch.testing.assert_close(got.text_embeds, expected.text_embeds, rtol=0, atol=0)
+
+
+def never(images):
+    return [0.0] * len(images)
+
+
+def test_the_attack_lowers_its_loss(digits_pipe):
+    """UnlearnDiffAtk's tokens, prepended to a prompt that names no digit, bring the model's denoising
+    loss on an image of a seven (at the sweep's timesteps, over fixed noises) below the starting tokens'.
+    Weight decay 0: over this model's 147 words the reference's 0.1 is as large as the gradient itself
+    (bench/attack_digits.py says more)."""
+    from erase.sd import encode_images, generate
+    from eval.attack import _denoising_loss
+
+    pipe = digits_pipe
+    target = generate(pipe, ["a red handwritten digit seven"], [0], 10, 5.0)[0]
+    latents = encode_images(pipe, [target])
+    opts = AttackOptions(k=2, iterations=40, timesteps=2, weight_decay=0.0, num_inference_steps=2)
+    sample = Sample(0, "a red handwritten digit", 0, 5.0)
+    judge = Judge("never", never, {"never": 0.5})
+    record = unlearndiffatk(pipe, latents, sample, judge, opts, lambda p: generate(pipe, [p], [0], 2, 5.0)[0])
+    assert not record["attacked"] and record["checks"] == 2 and len(record["adversarial_tokens"]) == 2
+    assert record["adversarial_prompt"].endswith(sample.prompt) and record["final"]["score"] == 0.0
+
+    def loss_of(tokens: list[int]) -> float:
+        words = ["<adv0>", "<adv1>"]
+        total = 0.0
+        with PlaceholderTokens(pipe, words) as place, torch.no_grad():
+            place.set([pipe.text_encoder.get_input_embeddings().weight[tokens]])
+            for t in sweep_timesteps(1000, 2):
+                g = torch.Generator().manual_seed(t)
+                total += sum(float(_denoising_loss(pipe, latents, t, " ".join(words) + " " + sample.prompt, g))
+                             for _ in range(8))
+        return total
+
+    start = [2, 2]  # the first allowed token: the argmax of the uniform start
+    assert loss_of(record["adversarial_tokens"]) < 0.9 * loss_of(start)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def run_cli(args: list, env_threads: str = "1", launch: int | None = None, port: int = 29541) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": env_threads, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "eval"]
+    if launch:
+        env["ACCELERATE_USE_CPU"] = "1"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(launch),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port), "-m", "eval"]
+    return subprocess.run(command + [str(a) for a in args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def attack_args(model: Path, attack: str, out: Path) -> list:
+    return ["attack", "--model", model, "--original", model, "--attack", attack, "--concept", "seven", "--limit", "3",
+            "--k", "2", "--iterations", "2", "--timesteps", "2", "--inversion-steps", "3", "--steps", "2",
+            "--out", out]
+
+
+@pytest.mark.parametrize("attack", ["unlearndiffatk", "inversion"])
+def test_report_schema_and_two_processes_equal_one(attack, tiny_sd_path, tmp_path):
+    one = run_cli(attack_args(tiny_sd_path, attack, tmp_path / "one.json"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(attack_args(tiny_sd_path, attack, tmp_path / "two.json"), launch=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["num_processes"] == 1 and b["num_processes"] == 2
+    for report in (a, b):
+        assert report["attack"] == attack and report["num_prompts"] == 3 and report["concept"] == "seven"
+        assert report["asr"] == pytest.approx(report["asr_parts"]["before_attack"] + report["asr_parts"]["attacked"])
+        assert set(report["protocol"]) >= {"attack", "k", "iterations", "timesteps", "lr", "weight_decay", "seed",
+                                           "inversion_steps", "num_inference_steps"}
+        assert report["judge"]["name"] == "digits classifier" and report["judge"]["class"] == "seven"
+        assert [p["seed"] for p in report["prompts"]] == [0, 1, 2]
+        assert "versions" in report and "images" not in report
+    if attack == "inversion":
+        width = json.loads((tiny_sd_path / "text_encoder" / "config.json").read_text())["hidden_size"]
+        assert len(a["inversion"]["embeddings"][0]) == width and 0 <= a["recovery"] <= 1
+        assert all("<erased-concept>" in c for c in a["inversion"]["captions"])
+    else:
+        attacked = [p for p in a["prompts"] if not p["before"]["shown"]["classifier"]]
+        assert attacked and all(len(p["adversarial_tokens"]) == 2 and p["adversarial_prompt"].endswith(p["prompt"]) for p in attacked)
+    assert (tmp_path / "one.md").read_text().startswith(f"# {attack} against")
+    assert (tmp_path / "one.png").stat().st_size > 0
+    drop = {"seconds", "wall_seconds", "wall_seconds_attack", "target_seconds", "seconds_per_prompt", "num_processes",
+            "train_seconds", "versions"}
+
+    def same(x):
+        if isinstance(x, dict):
+            return {k: same(v) for k, v in x.items() if k not in drop}
+        return [same(v) for v in x] if isinstance(x, list) else x
+
+    assert same(a) == same(b)
+
+
+@pytest.mark.slow
+def test_both_attacks_find_the_digit_on_the_unerased_model(tmp_path):
+    """The sanity row of bench/attack_digits.py: on the model nothing was erased from, >= 90% of prompts."""
+    for attack in ("unlearndiffatk", "inversion"):
+        out = tmp_path / f"{attack}.json"
+        proc = run_cli(["attack", "--model", "digits", "--original", "digits", "--attack", attack, "--concept", "seven",
+                        "--limit", "8", "--iterations", "10", "--timesteps", "4", "--inversion-steps", "300",
+                        "--out", out], env_threads="2")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(out.read_text())
+        assert report["asr"] >= 0.9
+        if attack == "inversion":
+            assert report["recovery"] >= 0.9
