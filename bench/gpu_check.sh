@@ -4,7 +4,8 @@
 #   TINY=1 bash bench/gpu_check.sh /tmp/gpu-dry     # the same path on the CPU, tiny configs (a dry run)
 # 1. every method in bf16 and fp16 end to end on a tiny pipeline (tests marked cuda);
 # 2. bench/sd_gpu.py on the SD v1.4 architecture, bf16, with and without gradient checkpointing,
-#    scaled to NUM_IMAGES images per set (the full recipe's time is projected from the measured rates).
+#    scaled to NUM_IMAGES images per set (the full recipe's time is projected from the measured rates);
+# 3. bench/attack_sd.py: attack time per prompt (UnlearnDiffAtk, concept inversion) on that architecture.
 set -euo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -17,3 +18,4 @@ for ckpt in --gradient-checkpointing ""; do
     name=sd_gpu_bf16${ckpt:+_checkpointing}
     "$py" bench/sd_gpu.py "${size[@]}" --mixed-precision bf16 --num-images "$n" $ckpt --out "$out/$name.json"
 done
+"$py" bench/attack_sd.py ${TINY:+--tiny} --out "$out/attack_sd.json"

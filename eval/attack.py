@@ -234,10 +234,11 @@ def sweep_timesteps(num_train_timesteps: int, n: int) -> list[int]:
     return [step // 2 + i * step for i in range(n)]
 
 
-def _allowed_ids(tokenizer, vocab_size: int) -> torch.Tensor:
-    """Token ids an adversarial token may take: the encoder's vocabulary less the special tokens."""
+def _allowed_ids(tokenizer, rows: int) -> torch.Tensor:
+    """Token ids an adversarial token may take: those both the tokenizer can write and the encoder has
+    rows for (placeholders excluded), less the special tokens."""
     banned = set(tokenizer.all_special_ids)
-    return torch.tensor([i for i in range(vocab_size) if i not in banned])
+    return torch.tensor([i for i in range(min(tokenizer.vocab_size, rows)) if i not in banned])
 
 
 # ----------------------------------------------------------------------------- judges
