@@ -32,9 +32,7 @@ from eval.attack import AttackOptions, judge_for, run_attack
 from eval.generate import Sample
 
 from common import machine, save_results  # bench/common.py (the scripts run from bench/)
-from erase_digits import erase_once  # the same erasure command as bench/erase_digits.py
-
-METHODS = ("salun", "rl", "esd-x", "esd-u")
+from erase_digits import erase_once, grid_arguments  # the same erasures as bench/erase_digits.py
 
 
 def attack_both(model: str, concept_name: str, args) -> dict:
@@ -102,9 +100,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concepts", nargs="+", default=["seven", "red"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--seeds", type=int, default=3)
+    grid_arguments(parser)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per concept")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=20)
@@ -112,7 +108,6 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="UnlearnDiffAtk's Adam weight decay (headline)")
     parser.add_argument("--inversion-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0, help="the attacks' seed")
-    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
     parser.add_argument("--out", default="bench/results/attack_digits.json")
     args = parser.parse_args()
     start = time.perf_counter()

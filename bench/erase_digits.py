@@ -73,6 +73,14 @@ def erasure_metrics(name: str, before: dict, after: dict) -> dict:
     }
 
 
+def grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which erasures a digits benchmark runs, and where the image sets are cached between them."""
+    parser.add_argument("--concepts", nargs="+", default=["seven", "red"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
+
+
 def erase_once(concept: str, method: str, seed: int, out: str, args) -> float:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
@@ -118,11 +126,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concepts", nargs="+", default=["seven", "red"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--seeds", type=int, default=3)
+    grid_arguments(parser)
     parser.add_argument("--images-per-prompt", type=int, default=5)
-    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
     parser.add_argument("--out", default="bench/results/erase_digits.json")
     args = parser.parse_args()
     start = time.perf_counter()
