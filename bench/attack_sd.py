@@ -42,7 +42,7 @@ def attack(model: Path, attack_name: str, prompts: Path, out: Path, args) -> dic
         raise RuntimeError(f"attack failed: {proc.stderr[-2000:]}")
     report = json.loads(out.read_text())
     return {"command_seconds": time.perf_counter() - start, "seconds_per_prompt": report["seconds_per_prompt"],
-            "target_seconds": report["target_seconds"], "asr": report["asr"],
+            "generation_seconds": report["generation_seconds"], "asr": report["asr"],
             "train_seconds": report.get("inversion", {}).get("train_seconds"),
             "checks_per_prompt": [p.get("checks") for p in report["prompts"]]}
 

@@ -471,49 +471,39 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclass
-class _Target:
-    """What every attack needs per prompt: the ORIGINAL model's image and its verdict."""
-
-    image: Image.Image
-    verdict: dict
-
-
 def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Judge, opts: AttackOptions, *,
                concept_name: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               height: int | None = None, state=None, grid_prompts: int = 8) -> dict:
+               height: int | None = None, batch_size: int = 16, state=None, grid_prompts: int = 8) -> dict:
     """Attack `erased` on every sample (one image each); target images come from `original`.
     Sharded over `state`'s processes by prompt; every process returns the whole report."""
-    from erase.sd import encode_images, generate, load_pipeline
+    from erase.sd import encode_images, frozen_parts, generate, load_pipeline
+    from eval.generate import generate_samples
 
-    def render(pipe, prompt: str, s: Sample) -> Image.Image:
-        return generate(pipe, [prompt], [s.seed], opts.num_inference_steps, s.guidance, batch_size=1,
-                        height=height, width=height)[0]
+    def images_of(name: str) -> list[Generated]:
+        """The model's image of every sample (the engine: batched, sharded, gathered), judged."""
+        pipe = load_pipeline(name, device=device, dtype=dtype)
+        made = generate_samples(pipe, samples, opts.num_inference_steps, score=judge, keep_images=True,
+                                batch_size=batch_size, height=height, width=height, state=state,
+                                desc=f"generating + {judge.name}")
+        return pipe, {g.sample.index: g for g in made}
 
     started = time.time()
-    pipe = load_pipeline(original, device=device, dtype=dtype)
+    pipe, originals = images_of(original)
+    del pipe  # one model in memory at a time
+    pipe, befores = images_of(erased)
+    for name in [*frozen_parts(pipe), "unet"]:
+        getattr(pipe, name).requires_grad_(False)
+    generation_seconds = time.time() - started
 
-    def targets(mine: Sequence[Sample], show: bool) -> list[Generated]:
-        out = []
-        for s in mine:
-            image = render(pipe, s.prompt, s)
-            out.append(Generated(s, judge([image])[0], np.asarray(image)))
-        return out
-
-    originals = {g.sample.index: _Target(Image.fromarray(g.image), g.result) for g in sharded(list(samples), targets, state)}
-    del pipe
-    pipe = load_pipeline(erased, device=device, dtype=dtype)
-    pipe.unet.requires_grad_(False)
-    for name in ("text_encoder", "text_encoder_2", "vae"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).requires_grad_(False)
-    target_seconds = time.time() - started
+    def render(prompt: str, s: Sample) -> Image.Image:
+        return generate(pipe, [prompt], [s.seed], opts.num_inference_steps, s.guidance, batch_size=1,
+                        height=height, width=height)[0]
 
     extra: dict = {}
     if opts.attack == "inversion":
         captions = inversion_captions([s.prompt for s in samples], concept_name)
-        vectors, trace, seconds = _inversion_everywhere(pipe, [originals[s.index].image for s in samples], captions,
-                                                        opts, state)
+        target_images = [Image.fromarray(originals[s.index].image) for s in samples]
+        vectors, trace, seconds = _inversion_everywhere(pipe, target_images, captions, opts, state)
         extra = {"inversion": {"token": INVERSION_TOKEN, "captions": captions, "loss_trace": trace,
                                "train_seconds": round(seconds, 2),
                                "embeddings": [v.float().cpu().flatten().tolist() for v in vectors]}}
@@ -523,35 +513,31 @@ def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Jud
         out = []
         for s in mine:
             begin = time.time()
-            before = render(pipe, s.prompt, s)
-            verdict = judge([before])[0]
-            record: dict = {"before": verdict}
+            record: dict = {"before": befores[s.index].result}
             after = None
-            if opts.attack == "unlearndiffatk":
-                if not verdict["shown"][judge.primary]:
-                    latents = encode_images(pipe, [originals[s.index].image])
-                    found = unlearndiffatk(pipe, latents, s, judge, opts, lambda p, s=s: render(pipe, p, s))
-                    after = found.pop("image")
-                    record |= found
-            else:
+            if opts.attack == "inversion":
                 with PlaceholderTokens(pipe, [INVERSION_TOKEN]) as place:
                     place.set([v.to(m.dtype) for v, m in zip(vectors, place.embedding_matrices(), strict=True)])
-                    after = render(pipe, caption_of[s.index], s)
-                record |= {"final": judge([after])[0], "caption": caption_of[s.index]}
+                    after = render(caption_of[s.index], s)
+                record |= {"caption": caption_of[s.index], "final": judge([after])[0]}
                 record["attacked"] = record["final"]["shown"][judge.primary]
+            elif not record["before"]["shown"][judge.primary]:  # UnlearnDiffAtk: only what is not shown already
+                latents = encode_images(pipe, [Image.fromarray(originals[s.index].image)])
+                record |= unlearndiffatk(pipe, latents, s, judge, opts, lambda p, s=s: render(p, s))
+                after = record.pop("image")
             record["seconds"] = round(time.time() - begin, 3)
             keep = s.index < grid_prompts
-            record["images"] = [np.asarray(im) if im is not None and keep else None
-                                for im in (originals[s.index].image, before, after)]
+            record["images"] = [im if keep else None for im in
+                                (originals[s.index].image, befores[s.index].image, None if after is None else np.asarray(after))]
             out.append(Generated(s, record))
             if show:
-                logger.info("prompt %d/%d: before %s, attacked %s (%.1f s)", s.index + 1, len(samples),
-                            verdict["shown"][judge.primary], record.get("attacked"), record["seconds"])
+                logger.info("prompt %d/%d: shown before %s, attacked %s (%.1f s)", s.index + 1, len(samples),
+                            record["before"]["shown"][judge.primary], record.get("attacked"), record["seconds"])
         return out
 
     results = sharded(list(samples), attack, state)
-    report = summarise(results, originals, judge, opts)
-    report["target_seconds"] = round(target_seconds, 2)
+    report = summarise(results, {i: g.result for i, g in originals.items()}, judge, opts)
+    report["generation_seconds"] = round(generation_seconds, 2)
     report["wall_seconds_attack"] = round(time.time() - started, 2)
     return report | extra
 
@@ -574,8 +560,9 @@ def _inversion_everywhere(pipe, images: list[Image.Image], captions: list[str], 
     return [v.to(pipe.device) for v in vectors], trace, time.time() - begin
 
 
-def summarise(results: Sequence[Generated], originals: dict, judge: Judge, opts: AttackOptions) -> dict:
-    """ASR and its two parts at every threshold of the judge, and the per-prompt records."""
+def summarise(results: Sequence[Generated], originals: dict[int, dict], judge: Judge, opts: AttackOptions) -> dict:
+    """ASR and its two parts at every threshold of the judge, and the per-prompt records; `originals`
+    holds the judge's verdict on the ORIGINAL model's image of each sample, by index."""
     n = len(results)
     rates: dict[str, dict] = {}
     for name in judge.thresholds:
@@ -584,13 +571,13 @@ def summarise(results: Sequence[Generated], originals: dict, judge: Judge, opts:
         # lower threshold is any check that reached it
         attacked = sum(not r.result["before"]["shown"][name] and _reached(r.result, judge, name) for r in results)
         rates[name] = {"asr": (before + attacked) / n, "before_attack": before / n, "attacked": attacked / n,
-                       "original_shows": sum(originals[r.sample.index].verdict["shown"][name] for r in results) / n}
+                       "original_shows": sum(originals[r.sample.index]["shown"][name] for r in results) / n}
     primary = rates[judge.primary]
     per_prompt = []
     for r in results:
         record = {k: v for k, v in r.result.items() if k != "images"}
         per_prompt.append({"index": r.sample.index, "prompt": r.sample.prompt, "seed": r.sample.seed,
-                           "guidance": r.sample.guidance, "original": originals[r.sample.index].verdict} | record)
+                           "guidance": r.sample.guidance, "original": originals[r.sample.index]} | record)
     seconds = [r.result["seconds"] for r in results]
     out = {"attack": opts.attack, "asr": primary["asr"], "asr_parts": {"before_attack": primary["before_attack"],
                                                                          "attacked": primary["attacked"]},

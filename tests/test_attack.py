@@ -200,7 +200,7 @@ def test_report_schema_and_two_processes_equal_one(attack, tiny_sd_path, tmp_pat
         assert attacked and all(len(p["adversarial_tokens"]) == 2 and p["adversarial_prompt"].endswith(p["prompt"]) for p in attacked)
     assert (tmp_path / "one.md").read_text().startswith(f"# {attack} against")
     assert (tmp_path / "one.png").stat().st_size > 0
-    drop = {"seconds", "wall_seconds", "wall_seconds_attack", "target_seconds", "seconds_per_prompt", "num_processes",
+    drop = {"seconds", "wall_seconds", "wall_seconds_attack", "generation_seconds", "seconds_per_prompt", "num_processes",
             "train_seconds", "versions"}
 
     def same(x):
