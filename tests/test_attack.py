@@ -224,3 +224,23 @@ def test_both_attacks_find_the_digit_on_the_unerased_model(tmp_path):
         assert report["asr"] >= 0.9
         if attack == "inversion":
             assert report["recovery"] >= 0.9
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_both_attacks_run_on_every_family(family, tiny_family_paths):
+    """SDXL (two text encoders, pooled embeddings) and SD 2.x (v-prediction) go through the same code."""
+    from eval.attack import run_attack
+
+    path = str(tiny_family_paths[family])
+    samples = [Sample(0, "a red handwritten digit seven", 0, 5.0)]
+    judge = Judge("never", never, {"never": 0.5})
+    for attack in ("unlearndiffatk", "inversion"):
+        opts = AttackOptions(attack=attack, k=2, iterations=2, timesteps=2, inversion_steps=2, num_inference_steps=2)
+        report = run_attack(path, path, samples, judge, opts, concept_name="seven")
+        record = report["prompts"][0]
+        assert report["asr"] == 0.0 and record["attacked"] is False
+        if attack == "unlearndiffatk":
+            assert record["checks"] == 2 and len(record["adversarial_tokens"]) == 2
+        else:
+            assert record["caption"] == "a red handwritten digit <erased-concept>"
+            assert len(report["inversion"]["embeddings"]) == (2 if family == "sdxl" else 1)
