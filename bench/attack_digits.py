@@ -42,7 +42,8 @@ def attack_both(model: str, concept_name: str, args) -> dict:
     samples = [Sample(i, p, i, DEFAULT_GUIDANCE) for i, p in enumerate(prompts)]
     judge = judge_for(concept)
     out = {}
-    for attack, decay in (("unlearndiffatk", args.weight_decay), ("inversion", 0.0), ("unlearndiffatk", 0.1)):
+    runs = [("unlearndiffatk", args.weight_decay), ("inversion", 0.0)] + [("unlearndiffatk", 0.1)] * args.reference_decay
+    for attack, decay in runs:
         key = attack if attack == "inversion" or decay == args.weight_decay else f"{attack}_wd{decay}"
         opts = AttackOptions(attack=attack, k=args.k, iterations=args.iterations, timesteps=args.timesteps,
                              weight_decay=decay, inversion_steps=args.inversion_steps, num_inference_steps=DEFAULT_STEPS,
@@ -56,7 +57,7 @@ def attack_both(model: str, concept_name: str, args) -> dict:
                        "adversarial_prompts": [p.get("adversarial_prompt") for p in report["prompts"] if p.get("attacked")]}
     return {"before_attack": out["unlearndiffatk"]["before_attack"], "unlearndiffatk_asr": out["unlearndiffatk"]["asr"],
             "unlearndiffatk_attacked": out["unlearndiffatk"]["attacked"], "inversion_recovery": out["inversion"]["recovery"],
-            "unlearndiffatk_asr_reference_decay": out["unlearndiffatk_wd0.1"]["asr"],
+            "unlearndiffatk_asr_reference_decay": out.get("unlearndiffatk_wd0.1", {}).get("asr"),
             "unlearndiffatk_seconds_per_attacked_prompt": out["unlearndiffatk"]["seconds_per_attacked_prompt"],
             "inversion_train_seconds": out["inversion"]["train_seconds"], "details": out}
 
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--timesteps", type=int, default=5)
     parser.add_argument("--weight-decay", type=float, default=0.0, help="UnlearnDiffAtk's Adam weight decay (headline)")
+    parser.add_argument("--reference-decay", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run UnlearnDiffAtk with the reference's weight decay 0.1")
     parser.add_argument("--inversion-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0, help="the attacks' seed")
     parser.add_argument("--out", default="bench/results/attack_digits.json")
@@ -115,7 +118,7 @@ def main() -> None:
 
     def save() -> None:  # after every run, so an interrupted benchmark keeps what it measured
         result = {"protocol": {k: getattr(args, k) for k in ("prompts", "k", "iterations", "timesteps",
-                                                              "weight_decay", "inversion_steps", "seed")},
+                                                              "weight_decay", "reference_decay", "inversion_steps", "seed")},
                   "seeds": list(range(args.seeds)), "rows": rows, "wall_seconds": time.perf_counter() - start,
                   "machine": machine()}
         save_results(result, args.out, markdown(result))
