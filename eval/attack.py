@@ -356,17 +356,17 @@ def _adversarial_prompt(words: Sequence[str], prompt: str) -> str:
     return " ".join([*words, prompt])
 
 
-def _denoising_loss(pipe, latents: torch.Tensor, timestep: int, prompt: str, g: torch.Generator) -> torch.Tensor:
-    """||target - UNet(x_t, t | prompt)||^2 at `timestep`, with fresh noise from `g` (gradients reach
-    the placeholder vectors through the text encoder)."""
+def _denoising_loss(pipe, latents: torch.Tensor, timesteps: torch.Tensor, prompts: Sequence[str],
+                    g: torch.Generator) -> torch.Tensor:
+    """The mean ||target - UNet(x_t, t | prompt)||^2 of `latents` (B, 4, h, w) at `timesteps` (B,), with
+    fresh noise from `g`; gradients reach the placeholder vectors through the text encoder(s)."""
     from erase.sd import text_conditioning
 
     noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents.device, latents.dtype)
-    t = torch.full((len(latents),), timestep, device=latents.device, dtype=torch.long)
-    x_t = pipe.scheduler.add_noise(latents, noise, t)
-    cond = text_conditioning(pipe, [prompt] * len(latents))
-    pred = pipe.unet(x_t.to(pipe.unet.dtype), t, **unet_kwargs(cond.to(dtype=pipe.unet.dtype))).sample
-    return mse_per_sample(pred, noise_target(pipe.scheduler, latents, noise, t)).mean()
+    x_t = pipe.scheduler.add_noise(latents, noise, timesteps)
+    cond = text_conditioning(pipe, prompts)
+    pred = pipe.unet(x_t.to(pipe.unet.dtype), timesteps, **unet_kwargs(cond.to(dtype=pipe.unet.dtype))).sample
+    return mse_per_sample(pred, noise_target(pipe.scheduler, latents, noise, timesteps)).mean()
 
 
 def unlearndiffatk(pipe, latents: torch.Tensor, sample: Sample, judge: Judge, opts: AttackOptions,
@@ -389,11 +389,12 @@ def unlearndiffatk(pipe, latents: torch.Tensor, sample: Sample, judge: Judge, op
         optimizer = torch.optim.Adam([theta], lr=opts.lr, weight_decay=opts.weight_decay)
         image, verdict, found = None, None, None
         for t in sweep_timesteps(pipe.scheduler.config.num_train_timesteps, opts.timesteps):
+            timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
             losses = []
             for _ in range(opts.iterations):
                 one_hot = straight_through_one_hot(theta, g, sample=opts.straight_through == "sample")
                 place.set([(one_hot @ r).to(m.dtype) for r, m in zip(rows, matrices, strict=True)])
-                loss = _denoising_loss(pipe, latents, t, prompt, g)
+                loss = _denoising_loss(pipe, latents, timesteps, [prompt] * len(latents), g)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -432,8 +433,6 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
     """Textual inversion against `pipe`'s frozen UNet and text encoder(s): one embedding per text encoder
     for INVERSION_TOKEN, minimising the denoising loss of `latents` (N, 4, h, w) under `captions` at
     uniform random timesteps. Returns the embeddings ((1, D) each) and the loss per 50 steps."""
-    from erase.sd import text_conditioning
-
     g = step_generator(opts.seed, 0, device=latents.device)
     num_t = pipe.scheduler.config.num_train_timesteps
     with PlaceholderTokens(pipe, [INVERSION_TOKEN]) as place:
@@ -450,14 +449,9 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
         trace, running = [], []
         for step in range(opts.inversion_steps):
             pick = torch.randint(0, len(latents), (opts.inversion_batch_size,), generator=g, device=g.device).tolist()
-            x0 = latents[pick]
-            noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device, x0.dtype)
-            t = torch.randint(0, num_t, (len(x0),), generator=g, device=g.device).to(x0.device)
+            t = torch.randint(0, num_t, (len(pick),), generator=g, device=g.device).to(latents.device)
             place.set([v.to(m.dtype) for v, m in zip(vectors, matrices, strict=True)])
-            cond = text_conditioning(pipe, [captions[i] for i in pick])
-            pred = pipe.unet(pipe.scheduler.add_noise(x0, noise, t).to(pipe.unet.dtype), t,
-                             **unet_kwargs(cond.to(dtype=pipe.unet.dtype))).sample
-            loss = mse_per_sample(pred, noise_target(pipe.scheduler, x0, noise, t)).mean()
+            loss = _denoising_loss(pipe, latents[pick], t, [captions[i] for i in pick], g)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

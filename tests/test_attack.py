@@ -147,7 +147,8 @@ def test_the_attack_lowers_its_loss(digits_pipe):
             place.set([pipe.text_encoder.get_input_embeddings().weight[tokens]])
             for t in sweep_timesteps(1000, 2):
                 g = torch.Generator().manual_seed(t)
-                total += sum(float(_denoising_loss(pipe, latents, t, " ".join(words) + " " + sample.prompt, g))
+                timesteps = torch.full((1,), t)
+                total += sum(float(_denoising_loss(pipe, latents, timesteps, [" ".join(words) + " " + sample.prompt], g))
                              for _ in range(8))
         return total
 
