@@ -39,12 +39,13 @@ $(DEMO_MODEL)/erase_config.json: $(VENV)/.installed
 $(DEMO_REPORT)/report.md: $(DEMO_MODEL)/erase_config.json
 	$(PY) -m eval compare digits $(DEMO_MODEL) --out $(DEMO_REPORT)
 
-# `make bench`: every CPU benchmark behind the README's tables (about 2 hours on 2 cores; the
+# `make bench`: every CPU benchmark behind the README's tables (about 3 hours on 2 cores; the
 # speed and mask benchmarks need ~15 GiB of RAM). GPU figures: bench/speed.py --device cuda.
 bench: $(VENV)/.installed
 	$(PY) bench/classifier.py --seeds 3 --out bench/results/classifier.json
 	$(PY) bench/worst_case.py --seeds 5 --out bench/results/worst_case.json
 	$(PY) bench/erase_digits.py --seeds 3 --out bench/results/erase_digits.json
+	$(PY) bench/attack_digits.py --seeds 3 --out bench/results/attack_digits.json
 	$(PY) bench/digits_quality.py --n-per-prompt 50 --out bench/results/digits_quality.json
 	$(PY) bench/nudenet_throughput.py --out bench/results/nudenet_throughput.json
 	$(PY) bench/mask_memory.py --out bench/results/mask_memory.json
