@@ -222,17 +222,23 @@ def run_attack(args, state) -> dict:
 
 
 def write_attack(report: dict, out: str) -> None:
-    """FILE.json, with FILE.md (summary) and FILE.png (grid) beside it, each written atomically."""
+    """FILE.json, with FILE.md (summary) and FILE.png (grid) beside it, each written atomically; for
+    the inversion also FILE.safetensors, the learned token in the format `load_textual_inversion` reads."""
     from pathlib import Path
 
     from erase.atomic import replace_path, write_json
     from erase.cli import versions
-    from eval.attack import attack_grid, attack_markdown
+    from eval.attack import attack_grid, attack_markdown, inversion_state_dict
 
     grid = attack_grid(report, max_prompts=len(report["images"]))
     out_path = Path(out)
     if grid is not None:
         replace_path(out_path.with_suffix(".png"), lambda tmp: grid.save(tmp, format="PNG"))
+    if "inversion" in report:
+        from safetensors.torch import save_file
+
+        state = inversion_state_dict(report["inversion"])
+        replace_path(out_path.with_suffix(".safetensors"), lambda tmp: save_file(state, str(tmp)))
     replace_path(out_path.with_suffix(".md"), lambda tmp: tmp.write_text(attack_markdown(report)))
     write_json({k: v for k, v in report.items() if k != "images"} | {"versions": versions()}, out)
 

@@ -57,6 +57,7 @@ __all__ = [
     "Judge",
     "PlaceholderTokens",
     "inversion_captions",
+    "inversion_state_dict",
     "judge_for",
     "judge_kind",
     "project_simplex",
@@ -460,6 +461,15 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
                 trace.append(float(torch.stack(running).mean()))
                 running = []
     return [v.detach() for v in vectors], trace
+
+
+def inversion_state_dict(inversion: dict) -> dict[str, torch.Tensor]:
+    """The learned token as diffusers' `load_textual_inversion` reads it: {token: (1, D)} for one text
+    encoder; {"clip_l": ..., "clip_g": ...} for SDXL's two (load each with its encoder and tokenizer)."""
+    vectors = [torch.tensor(v).reshape(1, -1) for v in inversion["embeddings"]]
+    if len(vectors) == 1:
+        return {inversion["token"]: vectors[0]}
+    return {"clip_l": vectors[0], "clip_g": vectors[1]}
 
 
 # ----------------------------------------------------------------------------- the run

@@ -196,6 +196,19 @@ def test_report_schema_and_two_processes_equal_one(attack, tiny_sd_path, tmp_pat
         width = json.loads((tiny_sd_path / "text_encoder" / "config.json").read_text())["hidden_size"]
         assert len(a["inversion"]["embeddings"][0]) == width and 0 <= a["recovery"] <= 1
         assert all("<erased-concept>" in c for c in a["inversion"]["captions"])
+        # the learned token loads into a plain pipeline with diffusers' own loader, and means the same there
+        from diffusers import StableDiffusionPipeline
+
+        from erase.sd import encode_prompts
+
+        caption = a["inversion"]["captions"][0]
+        plain = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+        plain.load_textual_inversion(str(tmp_path / "one.safetensors"), token="<erased-concept>")
+        ours = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+        with PlaceholderTokens(ours, ["<erased-concept>"]) as place:
+            place.set([torch.tensor(a["inversion"]["embeddings"][0]).reshape(1, -1)])
+            expected = encode_prompts(ours, [caption]).hidden_states
+        torch.testing.assert_close(encode_prompts(plain, [caption]).hidden_states, expected, rtol=0, atol=0)
     else:
         attacked = [p for p in a["prompts"] if not p["before"]["shown"]["classifier"]]
         assert attacked and all(len(p["adversarial_tokens"]) == 2 and p["adversarial_prompt"].endswith(p["prompt"]) for p in attacked)
