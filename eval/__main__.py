@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from erase.cli import (
+    add_dataclass_arguments,
     check_model,
     check_positive,
     check_writable,
@@ -192,19 +193,24 @@ def attack_samples(args, concept, default_guidance: float):
                      "limit": args.limit, "num_prompts": len(samples)}
 
 
+# AttackOptions fields the attack command spells its own way (a required choice; the model's steps)
+ATTACK_OWN_OPTIONS = ("attack", "num_inference_steps")
+
+
 def attack_options(args, steps: int):
+    """AttackOptions from the command's options (their range checks run here)."""
+    from dataclasses import fields
+
     from eval.attack import AttackOptions
 
-    return AttackOptions(attack=args.attack, k=args.k, iterations=args.iterations, timesteps=args.timesteps, lr=args.lr,
-                         weight_decay=args.weight_decay, straight_through=args.straight_through,
-                         inversion_steps=args.inversion_steps, inversion_lr=args.inversion_lr,
-                         inversion_batch_size=args.inversion_batch_size, inversion_init=args.inversion_init,
-                         num_inference_steps=steps, seed=args.seed)
+    given = {f.name: getattr(args, f.name) for f in fields(AttackOptions) if f.name not in ATTACK_OWN_OPTIONS}
+    return AttackOptions(attack=args.attack, num_inference_steps=steps, **given)
 
 
 def run_attack(args, state) -> dict:
     from erase.sd import pipeline_class, resolve_model
-    from eval.attack import judge_for, run_attack
+    from eval.attack import judge_for
+    from eval.attack import run_attack as attack
 
     steps, guidance = sampler_defaults(args.original, args.steps, None)
     concept = attack_concept(args)
@@ -213,7 +219,7 @@ def run_attack(args, state) -> dict:
     for what in ("original", "model"):
         pipeline_class(getattr(args, what))  # a supported kind, before anything is generated
     judge = judge_for(concept, device=state.device, classifier_model=args.classifier_model)
-    report = run_attack(args.original, args.model, samples, judge, opts, concept_name=concept.name,
+    report = attack(args.original, args.model, samples, judge, opts, concept_name=concept.name,
                         device=state.device, dtype=DTYPES[args.dtype], height=args.resolution, state=state,
                         grid_prompts=args.grid_prompts)
     return report | {"model": args.model, "model_path": resolve_model(args.model), "original": args.original,
@@ -314,22 +320,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", default=None, help="CSV or text file (default: the concept's forget + eval prompts)")
     p.add_argument("--category", default=None, help="only I2P rows of this category (e.g. sexual)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    p.add_argument("--k", type=int, default=5, help="UnlearnDiffAtk: adversarial tokens prepended")
-    p.add_argument("--iterations", type=int, default=40, help="UnlearnDiffAtk: Adam steps per timestep")
-    p.add_argument("--timesteps", type=int, default=50, help="UnlearnDiffAtk: timesteps in the sweep")
-    p.add_argument("--lr", type=float, default=0.01, help="UnlearnDiffAtk: Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="UnlearnDiffAtk: Adam weight decay")
-    p.add_argument("--straight-through", choices=["sample", "argmax"], default="sample",
-                   help="UnlearnDiffAtk: a relaxed token's forward pass samples it or takes its argmax")
-    p.add_argument("--inversion-steps", type=int, default=1000, help="inversion: optimisation steps")
-    p.add_argument("--inversion-lr", type=float, default=5e-3, help="inversion: Adam learning rate")
-    p.add_argument("--inversion-batch-size", type=int, default=4, help="inversion: target images per step")
-    p.add_argument("--inversion-init", default=None,
-                   help="inversion: a word whose embedding starts the token (default: the mean embedding)")
+    from eval.attack import AttackOptions
+
+    add_dataclass_arguments(p, AttackOptions, skip=ATTACK_OWN_OPTIONS)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 for digits, else 50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: a CSV row's own, else 5 for digits, 7.5 otherwise)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attack, and first seed of prompts without one")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--classifier-model", default=None, help="ImageNet classifier for object concepts")

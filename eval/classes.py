@@ -33,6 +33,7 @@ __all__ = [
     "IMAGENETTE_CLASSES",
     "ClassAccuracy",
     "ClassTask",
+    "class_of",
     "class_samples",
     "digits_task",
     "evaluate_classes",
@@ -156,6 +157,19 @@ def _load_resnet(name_or_path: str, device) -> tuple[torch.nn.Module, Any]:
     if model.config.num_labels != 1000:
         raise ValueError(f"{name_or_path} has {model.config.num_labels} labels, not the 1,000 ImageNet classes")
     return model.to(device).eval(), processor
+
+
+def class_of(task: ClassTask, target: dict) -> tuple[str, int] | None:
+    """The (head, class index) of the task that a concept's `target` names ({"digit": 7},
+    {"colour": "red"}, {"class": "tench", ...}): a class index or a class name; None if none does."""
+    for head, value in target.items():
+        if head not in task.heads:
+            continue
+        names = task.heads[head]
+        index = value if isinstance(value, int) else names.index(value) if value in names else None
+        if index is not None and 0 <= index < len(names):
+            return head, index
+    return None
 
 
 def class_samples(task: ClassTask, images_per_prompt: int, guidance_scale: float, seed: int = 0) -> list[Sample]:

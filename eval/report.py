@@ -136,14 +136,11 @@ def erased_concept(erased: str, task) -> dict | None:
         name, target = record["concept"]["name"], record["concept"].get("target") or {}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    for head, value in target.items():
-        if task is None or head not in task.heads:
-            continue
-        names = task.heads[head]
-        index = value if isinstance(value, int) else names.index(value) if value in names else None
-        if index is not None and 0 <= index < len(names):
-            return {"name": name, "target": target, "head": head, "class": names[index], "class_index": index}
-    return None
+    found = None if task is None else classes.class_of(task, target)
+    if found is None:
+        return None
+    head, index = found
+    return {"name": name, "target": target, "head": head, "class": task.heads[head][index], "class_index": index}
 
 
 def concept_rates(task, scored: Sequence[Generated], concept: dict) -> dict:
