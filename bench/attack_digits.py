@@ -33,7 +33,7 @@ from eval.attack import AttackOptions, judge_for, run_attack
 from eval.generate import Sample
 
 from common import machine, save_results  # bench/common.py (the scripts run from bench/)
-from erase_digits import erase_once, grid_arguments  # the same erasures as bench/erase_digits.py
+from erase_digits import erase_once, grid_arguments, mean_std  # the same erasures as bench/erase_digits.py
 
 
 def attack_both(model: str, concept_name: str, args) -> dict:
@@ -63,12 +63,10 @@ def attack_both(model: str, concept_name: str, args) -> dict:
             "inversion_train_seconds": out["inversion"]["train_seconds"], "details": out}
 
 
-def mean_std(values: list[float], scale: float = 100.0) -> str:
+def cell(values: list[float | None], scale: float = 100.0) -> str:
+    """mean ± std of the measured values (rates in %), or – where none was measured."""
     values = [v * scale for v in values if v is not None]
-    if not values:
-        return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
+    return mean_std(values) if values else "–"
 
 
 def markdown(result: dict) -> str:
@@ -91,11 +89,11 @@ def markdown(result: dict) -> str:
         if not runs:
             continue
         lines.append(
-            f"| {row['concept']} | {row['method']} | {mean_std([r['before_attack'] for r in runs])} | "
-            f"{mean_std([r['unlearndiffatk_asr'] for r in runs])} | {mean_std([r['unlearndiffatk_asr_reference_decay'] for r in runs])} | "
-            f"{mean_std([r['inversion_recovery'] for r in runs])} | "
-            f"{mean_std([r['unlearndiffatk_seconds_per_attacked_prompt'] for r in runs], 1.0)} | "
-            f"{mean_std([r['inversion_train_seconds'] for r in runs], 1.0)} |")
+            f"| {row['concept']} | {row['method']} | {cell([r['before_attack'] for r in runs])} | "
+            f"{cell([r['unlearndiffatk_asr'] for r in runs])} | {cell([r['unlearndiffatk_asr_reference_decay'] for r in runs])} | "
+            f"{cell([r['inversion_recovery'] for r in runs])} | "
+            f"{cell([r['unlearndiffatk_seconds_per_attacked_prompt'] for r in runs], 1.0)} | "
+            f"{cell([r['inversion_train_seconds'] for r in runs], 1.0)} |")
     lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
