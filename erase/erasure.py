@@ -47,7 +47,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     num_images: int = field(default=800, metadata={"help": "images in the forget set and in the retain set"})
     generation_steps: int = field(default=50, metadata={"help": "sampler steps when generating the sets"})
-    guidance_scale: float = field(default=7.5, metadata={"help": "guidance when generating the sets, and g of the mask loss"})
+    guidance_scale: float = field(default=7.5, metadata={
+        "help": "w of the generated sets (diffusers' eps_u + w (eps_c - eps_u)), and g of the mask loss "
+                "(1 + g) eps_c - g eps_u, which is w = g + 1, as in SalUn's mask code"})
     resolution: int | None = field(default=None, metadata={"help": "image size of the generated sets (model default)"})
     generation_batch_size: int = field(default=16, metadata={"help": "images per batch when generating the sets"})
     saliency_batch_size: int = field(default=8, metadata={"help": "forget images per gradient batch for the mask"})
@@ -176,7 +178,10 @@ def saliency_mask(unet, scheduler, data: ErasureData, cfg, accelerator: Accelera
                                  data.embeds(data.forget_prompt[batch_idx]), data.prompt_embeds[:1].expand(len(batch_idx), -1, -1),
                                  cfg.guidance_scale)
 
-    return compute_saliency_mask(unet, loss_fn, batches, cfg.mask_ratio, show_progress=accelerator.is_local_main_process)
+    # fp16 gradients underflow without a loss scale (GradScaler's initial 2^16); fp32 and bf16 need none
+    loss_scale = 2.0**16 if cfg.mixed_precision == "fp16" else 1.0
+    return compute_saliency_mask(unet, loss_fn, batches, cfg.mask_ratio, show_progress=accelerator.is_local_main_process,
+                                 loss_scale=loss_scale)
 
 
 def hold_frozen(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:

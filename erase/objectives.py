@@ -21,9 +21,11 @@ __all__ = [
     "mse_per_sample",
     "noise_target",
     "noised",
+    "noisy_latents_and_target",
     "salun_loss",
     "saliency_loss",
     "step_generator",
+    "training_scheduler",
 ]
 
 
@@ -92,6 +94,23 @@ def noise_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timestep
     return noise
 
 
+def training_scheduler(scheduler):
+    """The DDPM forward process of a model's noise schedule, built from its (inference) scheduler's
+    config: what training and the attacks noise with. An inference scheduler's own `add_noise` is not
+    always the forward process: Euler's (SDXL, many SD 1.5 fine-tunes) adds sigma * eps at its current
+    step (sigma = 0 after sampling) and has no `get_velocity`."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler.config)
+
+
+def noisy_latents_and_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                             timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps and what the UNet should predict there; `scheduler`
+    is a `training_scheduler`."""
+    return scheduler.add_noise(latents, noise, timesteps), noise_target(scheduler, latents, noise, timesteps)
+
+
 def step_generator(seed: int, *parts: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A generator on `device` that depends only on (seed, step, ...): resuming replays the same
     batches. On the device of the data, drawing a batch needs no host-device copy (and no sync)."""
@@ -102,18 +121,15 @@ def step_generator(seed: int, *parts: int, device: str | torch.device = "cpu") -
 
 
 def noised(scheduler, latents: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a uniform random timestep (DDPM forward process).
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a uniform random timestep (DDPM forward process;
+    `scheduler` is a `training_scheduler`).
 
     Drawn on the generator's device, then moved to the latents' (a no-op when they match)."""
     noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents.device, latents.dtype)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g, device=g.device)
     timesteps = timesteps.to(latents.device)
-    return {
-        "noisy_latents": scheduler.add_noise(latents, noise, timesteps),
-        "timesteps": timesteps,
-        "target": noise_target(scheduler, latents, noise, timesteps),
-        "noise": noise,
-    }
+    noisy_latents, target = noisy_latents_and_target(scheduler, latents, noise, timesteps)
+    return {"noisy_latents": noisy_latents, "timesteps": timesteps, "target": target, "noise": noise}
 
 
 def salun_loss(

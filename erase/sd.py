@@ -9,6 +9,7 @@ always come from the caller.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -132,7 +133,7 @@ def generate(
     for i in range(0, len(prompts), batch_size):
         chunk_prompts, chunk_seeds = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in chunk_seeds]  # diffusers moves the noise
-        with torch.autocast(pipe.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(pipe.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), _vae_decodes_in_its_dtype(pipe):
             out = pipe(
                 chunk_prompts,
                 num_inference_steps=num_inference_steps,
@@ -143,6 +144,28 @@ def generate(
             )
         images.extend(out.images)
     return images
+
+
+@contextlib.contextmanager
+def _vae_decodes_in_its_dtype(pipe):
+    """Under autocast an fp32 VAE would decode in the autocast dtype, and the pipeline's own upcast,
+    which looks at the VAE's weights, would not fire: SDXL's VAE overflows in fp16 (NaN or black
+    images). Decode in the VAE's own dtype, outside autocast, while this is open."""
+    vae = pipe.vae
+    if not torch.is_autocast_enabled(pipe.device.type) or vae.dtype != torch.float32:
+        yield
+        return
+    decode = vae.decode
+
+    def decode_in_fp32(z, *args, **kwargs):
+        with torch.autocast(pipe.device.type, enabled=False):
+            return decode(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_in_fp32
+    try:
+        yield
+    finally:
+        del vae.decode  # the class's own method again
 
 
 @torch.no_grad()

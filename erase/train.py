@@ -31,7 +31,6 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
-from diffusers import DDPMScheduler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from erase.atomic import replace_dir, shared_output_dir, write_json  # noqa: E402
@@ -53,7 +52,7 @@ from erase.erasure import (  # noqa: E402
     saliency_mask,
     train_steps,
 )
-from erase.objectives import ESD_TARGETS  # noqa: E402
+from erase.objectives import ESD_TARGETS, training_scheduler  # noqa: E402
 from erase.saliency import (  # noqa: E402
     load_mask,
     mask_fraction,
@@ -162,7 +161,7 @@ def train(cfg: TrainConfig) -> str:
     autocast_dtype = weight_dtype if cfg.mixed_precision != "no" else None
     pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="cpu")
     unet = pipe.unet.to(device)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    scheduler = training_scheduler(pipe.scheduler)
     given_mask = load_mask(cfg.mask, unet) if cfg.mask else None  # fail before any generation
     peaks: dict[str, float | None] = {}
     peak_memory_gib(device)

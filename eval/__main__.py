@@ -177,7 +177,7 @@ def attack_concept(args):
     return load_concept(name)
 
 
-def attack_samples(args, concept, default_guidance: float):
+def attack_samples(args, concept, default_guidance: float, seed: int):
     """One sample per prompt: --prompts (CSV rows keep their seed and guidance), else the concept's
     forget and held-out prompts."""
     from eval.generate import Sample
@@ -185,10 +185,10 @@ def attack_samples(args, concept, default_guidance: float):
 
     if args.prompts:
         rows, source = load_prompt_rows(args.prompts, args.category, args.limit)
-        return prompt_samples(rows, 1, args.guidance, args.seed, default_guidance), source
+        return prompt_samples(rows, 1, args.guidance, seed, default_guidance), source
     prompts = list(dict.fromkeys(concept.forget + concept.eval))[: args.limit]
     guidance = default_guidance if args.guidance is None else args.guidance
-    samples = [Sample(i, p, args.seed + i, guidance) for i, p in enumerate(prompts)]
+    samples = [Sample(i, p, seed + i, guidance) for i, p in enumerate(prompts)]
     return samples, {"prompts_file": concept.source, "prompts": f"concept {concept.name}: forget + eval prompts",
                      "limit": args.limit, "num_prompts": len(samples)}
 
@@ -197,14 +197,15 @@ def attack_samples(args, concept, default_guidance: float):
 ATTACK_OWN_OPTIONS = ("attack", "num_inference_steps")
 
 
-def attack_options(args, steps: int):
-    """AttackOptions from the command's options (their range checks run here)."""
+def attack_options(args, steps: int, concept):
+    """AttackOptions from the defaults, the --preset and the options given (their range checks run here)."""
     from dataclasses import fields
 
-    from eval.attack import AttackOptions
+    from eval.attack import AttackOptions, judge_kind
 
-    given = {f.name: getattr(args, f.name) for f in fields(AttackOptions) if f.name not in ATTACK_OWN_OPTIONS}
-    return AttackOptions(attack=args.attack, num_inference_steps=steps, **given)
+    given = {f.name: getattr(args, f.name) for f in fields(AttackOptions) if hasattr(args, f.name)}
+    return AttackOptions.from_preset(given | {"attack": args.attack, "num_inference_steps": steps},
+                                     judge=judge_kind(concept), concept_name=concept.name)
 
 
 def run_attack(args, state) -> dict:
@@ -214,8 +215,8 @@ def run_attack(args, state) -> dict:
 
     steps, guidance = sampler_defaults(args.original, args.steps, None)
     concept = attack_concept(args)
-    opts = attack_options(args, steps)
-    samples, source = attack_samples(args, concept, guidance)
+    opts = attack_options(args, steps, concept)
+    samples, source = attack_samples(args, concept, guidance, opts.seed)
     for what in ("original", "model"):
         pipeline_class(getattr(args, what))  # a supported kind, before anything is generated
     judge = judge_for(concept, device=state.device, classifier_model=args.classifier_model)
@@ -224,7 +225,7 @@ def run_attack(args, state) -> dict:
                         grid_prompts=args.grid_prompts)
     return report | {"model": args.model, "model_path": resolve_model(args.model), "original": args.original,
                      "original_path": resolve_model(args.original), "concept": concept.name, "prompts_source": source,
-                     "resolution": args.resolution, "seed_rule": f"row seed, else {args.seed} + row"}
+                     "resolution": args.resolution, "seed_rule": f"row seed, else {opts.seed} + row"}
 
 
 def write_attack(report: dict, out: str) -> None:
@@ -322,7 +323,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     from eval.attack import AttackOptions
 
-    add_dataclass_arguments(p, AttackOptions, skip=ATTACK_OWN_OPTIONS)
+    add_dataclass_arguments(p, AttackOptions, skip=ATTACK_OWN_OPTIONS, suppress=True)  # absent unless given: --preset fills them
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 for digits, else 50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: a CSV row's own, else 5 for digits, 7.5 otherwise)")
@@ -354,10 +355,7 @@ def check_args(args: argparse.Namespace) -> None:
     if prompts and prompts.endswith((".csv", ".txt")) and not getattr(args, "images", None) and not os.path.isfile(prompts):
         raise ValueError(f"prompts file not found: {prompts}")
     if args.command == "attack":
-        from eval.attack import judge_kind
-
-        attack_options(args, args.steps or 1)  # its own range checks
-        judge_kind(attack_concept(args))
+        attack_options(args, args.steps or 1, attack_concept(args))  # its own range checks; the concept has a judge
     check_writable(args.out, "report")
     if getattr(args, "save_images", None):
         check_writable(args.save_images, "image")

@@ -151,3 +151,19 @@ def test_worst_case_prompt_search_on_sdxl(method: str, tiny_family_paths, tmp_pa
                           cache_dir=str(tmp_path / "cache"))
     report = run(cfg, show_progress=False)
     assert len(report["prompts"]) == 2 and len(report["history"]) == 2
+
+
+def test_sdxl_fp16_generation_decodes_in_the_vaes_fp32(tiny_family_paths) -> None:
+    """The image sets are generated under fp16 autocast beside an fp32 SDXL VAE (force_upcast): the decode
+    must stay fp32, or SDXL's VAE overflows (autocast hides the fp32 weights from the pipeline's upcast)."""
+    from erase.sd import generate, load_pipeline
+
+    pipe = load_pipeline(str(tiny_family_paths["sdxl"]))
+    dtypes = []
+    handle = pipe.vae.decoder.conv_out.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    unet_dtypes = []
+    pipe.unet.conv_out.register_forward_hook(lambda m, a, out: unet_dtypes.append(out.dtype))
+    images = generate(pipe, ["a red handwritten digit seven"], [0], 2, 5.0, autocast_dtype=torch.float16)
+    handle.remove()
+    assert dtypes == [torch.float32] and set(unet_dtypes) == {torch.float16} and len(images) == 1
+    assert type(pipe.vae).decode is pipe.vae.decode.__func__  # the VAE's own method again

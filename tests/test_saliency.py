@@ -226,3 +226,40 @@ def test_two_process_mask_equals_one_process(tmp_path: Path) -> None:
         masks[n] = load_mask(out)
     assert list(masks[1]) == list(masks[2])
     assert all(torch.equal(masks[1][k], masks[2][k]) for k in masks[1])
+
+
+class _TwoScales(torch.nn.Module):
+    """y = W x, every output 1 above its target, and the first half of x's features 1000 times larger
+    than the second: |grad W| puts every weight of the first 32 columns above every weight of the last 32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(64, 64, bias=False)
+        self.x = torch.cat([torch.ones(8, 32), torch.full((8, 32), 1e-3)], dim=1)
+        with torch.no_grad():
+            self.target = self.fc(self.x) - 1
+
+
+def _tiny_loss(model: _TwoScales, batch) -> torch.Tensor:
+    # 1e-6: the activations' gradient (~4e-9 per element) is below fp16's smallest subnormal (6e-8)
+    return torch.nn.functional.mse_loss(model.fc(model.x).float(), model.target) * 1e-6
+
+
+def _mask_of(model: _TwoScales, autocast: torch.dtype | None, loss_scale: float) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        return compute_saliency_mask(model, _tiny_loss, [0, 1], 0.5, show_progress=False, loss_scale=loss_scale)["fc.weight"]
+
+
+def test_fp16_saliency_with_a_loss_scale_equals_fp32(caplog) -> None:
+    """Under fp16 autocast (it runs on the CPU) the unscaled gradients underflow to zero and the mask is
+    ties broken by position; with the loss scale the mask is the fp32 one (the first 32 columns), and an
+    overflowing scale is halved until the gradients are finite."""
+    model = _TwoScales()
+    fp32 = _mask_of(model, None, 1.0)
+    assert fp32[:, :32].all() and not fp32[:, 32:].any()
+    assert not torch.equal(_mask_of(model, torch.float16, 1.0), fp32)  # the case underflows without scaling
+    assert torch.equal(_mask_of(model, torch.float16, 2.0**16), fp32)
+    assert "overflowed" not in caplog.text
+    assert torch.equal(_mask_of(model, torch.float16, 2.0**50), fp32)  # overflows in fp16 at first
+    assert "overflowed" in caplog.text

@@ -230,14 +230,13 @@ def load_candidates(path: str | None) -> tuple[list[str], list[str]]:
 def build_prompt_problem(cfg: WorstCaseConfig, pipe, prompts: Sequence[str], anchors: Sequence[str],
                          device: str | torch.device | None = None) -> PromptProblem:
     """The prompt-wise problem on `pipe`'s UNet, on `device` (default: the pipeline's)."""
-    from diffusers import DDPMScheduler
-
+    from erase.objectives import training_scheduler
     from erase.sd import frozen_parts, sampler_defaults
 
     steps, guidance = sampler_defaults(cfg.model)
     data = prepare_prompt_data(pipe, prompts, anchors, cfg.images_per_prompt, cfg.generation_steps or steps,
                                cfg.guidance_scale if cfg.guidance_scale is not None else guidance, cfg.cache_dir)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    scheduler = training_scheduler(pipe.scheduler)
     pipe.vae.requires_grad_(False)
     for name in frozen_parts(pipe):
         getattr(pipe, name).requires_grad_(False)
