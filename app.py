@@ -157,6 +157,17 @@ def make_labeller(kind: str, device: str) -> Labeller | None:
     return None
 
 
+def port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--original", default="digits", help="model before erasure: digits, a folder or a hub id")
@@ -165,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="image captions: digits classifier, NudeNet, or none (auto: by model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=None,
-                        help="port (default: $GRADIO_SERVER_PORT, else the first free one from 7860, as Gradio does)")
+                        help="port to listen on, exactly (default: $GRADIO_SERVER_PORT, else the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda where there is one)")
     return parser.parse_args(argv)
@@ -176,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.erased == str(DEMO_ERASED) and not DEMO_ERASED.is_dir():
         print(f"error: {DEMO_ERASED} does not exist: run `make demo` first, or pass --erased FOLDER", file=sys.stderr)
         return 2
+    port = args.port
+    if port is None and os.environ.get("GRADIO_SERVER_PORT"):
+        port = int(os.environ["GRADIO_SERVER_PORT"])
+    if port is not None and not port_is_free(args.host, port):
+        # a named port is the port: Gradio would otherwise try the next 100 without a word
+        print(f"error: port {port} on {args.host} is in use (pass --port with a free one)", file=sys.stderr)
+        return 1
     quiet_libraries(progress_bars=False)
     digits = is_digits_model(args.original)
     kind = args.labels if args.labels != "auto" else ("digits" if digits else "nudenet")
@@ -187,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    app.launch(server_name=args.host, server_port=port, share=args.share)
     return 0
 
 

@@ -37,8 +37,9 @@ class TrainConfig:
     retain_prompt: list[str] = field(default_factory=list, metadata={"help": "custom concept: prompts to keep"})
     pretrained_model_name_or_path: str = field(default="CompVis/stable-diffusion-v1-4", metadata={"help": "hub id, folder, or `digits`"})
     method: str = field(default="salun", metadata={"help": "salun, rl, esd-x or esd-u"})
-    mask_ratio: float = field(default=0.5, metadata={"help": "fraction of UNet weights SalUn may update, in (0, 1]"})
-    mask: str | None = field(default=None, metadata={"help": "reuse a saved saliency mask instead of computing one"})
+    mask_ratio: float | None = field(default=None, metadata={
+        "help": "salun: fraction of UNet weights that may move, in (0, 1] (default 0.5; other methods take none)"})
+    mask: str | None = field(default=None, metadata={"help": "salun: reuse a saved saliency mask instead of computing one"})
     beta: float = field(default=0.1, metadata={"help": "weight of the retain loss (SalUn Eq. 9)"})
     eta: float = field(default=1.0, metadata={"help": "negative guidance of ESD"})
     learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
@@ -67,7 +68,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        check_ratio(self.mask_ratio)
+        if self.method != "salun" and (self.mask is not None or self.mask_ratio is not None):
+            raise ValueError(f"--mask and --mask-ratio apply to salun only ({self.method} trains "
+                             f"{'every UNet weight' if self.method == 'rl' else 'its fixed subset of the UNet'})")
+        if self.method == "salun":
+            self.mask_ratio = check_ratio(0.5 if self.mask_ratio is None else self.mask_ratio)
         if not self.concept and not self.forget_prompt:
             raise ValueError("give --concept NAME or --forget-prompt TEXT")
         if self.max_train_steps < 0 or self.train_batch_size < 1 or self.num_images < 1:

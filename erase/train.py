@@ -140,7 +140,6 @@ def train(cfg: TrainConfig) -> str:
     concept = cfg.resolve_concept()
     check_output_dir(cfg)
     staging = staging_dir(cfg.output_dir)
-    checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
     report_to = cfg.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else None)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -149,6 +148,11 @@ def train(cfg: TrainConfig) -> str:
         project_config=ProjectConfiguration(project_dir=staging, logging_dir=os.path.join(staging, "logs")),
     )
     device = accelerator.device
+    checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
+    notes = []  # what the run did other than asked, also in erase_config.json
+    if cfg.resume_from_checkpoint == "latest" and checkpoint is None:
+        notes.append(f"--resume-from-checkpoint latest found no checkpoint in {staging}: started afresh")
+        logger.warning(notes[-1])
     if cfg.mixed_precision == "fp16" and not accelerator.native_amp:
         raise ValueError(f"--mixed-precision fp16 needs a GPU (this process runs on {device.type}); use bf16 or no")
     if checkpoint is None and os.path.isdir(staging) and accelerator.is_main_process:
@@ -227,6 +231,7 @@ def train(cfg: TrainConfig) -> str:
             "peak_memory_gib": peaks,
             "device": str(device),
             "resumed_from": checkpoint,
+            "notes": notes,
             "versions": versions(),
         }
         publish(pipe, staging, cfg, record)

@@ -158,8 +158,7 @@ def run_compare(args, state) -> dict:
 
 
 def attack_concept(args):
-    """The concept under attack: --concept, else the one the erased model's erase_config.json names,
-    else nudity for a Stable Diffusion model."""
+    """The concept under attack: --concept, else the one the erased model's erase_config.json names."""
     import json
     from pathlib import Path
 
@@ -171,9 +170,7 @@ def attack_concept(args):
         try:
             name = json.loads((Path(resolve_model(args.model)) / "erase_config.json").read_text())["concept"]["name"]
         except (OSError, ValueError, KeyError, TypeError):
-            if is_digits_model(args.model):
-                raise ValueError("pass --concept: the erased model records no concept") from None
-            name = "nudity"
+            raise ValueError(f"pass --concept (e.g. nudity): {args.model} has no erase_config.json naming its concept") from None
     return load_concept(name)
 
 
@@ -317,7 +314,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--original", required=True, help="the ORIGINAL model, which draws the target images")
     p.add_argument("--attack", required=True, choices=["unlearndiffatk", "inversion"])
     p.add_argument("--concept", default=None,
-                   help="concept name (default: the erased model's erase_config.json, else nudity); picks the judge")
+                   help="concept name (default: the one the erased model's erase_config.json names); picks the judge")
     p.add_argument("--prompts", default=None, help="CSV or text file (default: the concept's forget + eval prompts)")
     p.add_argument("--category", default=None, help="only I2P rows of this category (e.g. sexual)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")

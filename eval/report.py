@@ -107,9 +107,12 @@ def compare(opts: CompareOptions, out_dir: str | os.PathLike, *, device="cpu", d
               "num_processes": 1 if state is None else state.num_processes}
     if state is not None and not state.is_main_process:
         return report
-    concept = erased_concept(opts.erased, task)
+    concept, why_not = erased_concept(opts.erased, task)
     if concept is not None:
         report["concept"] = concept
+    else:  # said, not dropped silently
+        report["concept_summary"] = f"none: {why_not}"
+        logger.warning("compare: no erased-concept summary: %s", why_not)
     for role in ("original", "erased"):
         report[role] = _score(opts, task, generated[role], concept)
     if "fid" in opts.metrics:
@@ -126,21 +129,23 @@ def compare(opts: CompareOptions, out_dir: str | os.PathLike, *, device="cpu", d
     return report
 
 
-def erased_concept(erased: str, task) -> dict | None:
+def erased_concept(erased: str, task) -> tuple[dict | None, str | None]:
     """The concept that the erased model's erase_config.json names, located among the class task's
-    heads ({"name", "target", "head", "class"}); None without a record, a task, or a matching head."""
+    heads ({"name", "target", "head", "class"}), or None and the reason there is none."""
     from erase.sd import resolve_model
 
     try:
         record = json.loads((Path(resolve_model(erased)) / "erase_config.json").read_text())
         name, target = record["concept"]["name"], record["concept"].get("target") or {}
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    found = None if task is None else classes.class_of(task, target)
+        return None, f"{erased} has no erase_config.json naming its concept"
+    if task is None:
+        return None, f"no class metric to locate concept {name!r} with (metrics without classes)"
+    found = classes.class_of(task, target)
     if found is None:
-        return None
+        return None, f"concept {name!r} (target {target}) is no class of the {task.name} classifier"
     head, index = found
-    return {"name": name, "target": target, "head": head, "class": task.heads[head][index], "class_index": index}
+    return {"name": name, "target": target, "head": head, "class": task.heads[head][index], "class_index": index}, None
 
 
 def concept_rates(task, scored: Sequence[Generated], concept: dict) -> dict:
@@ -239,6 +244,8 @@ def compare_markdown(report: dict) -> str:
             lines.append(f"| **retained: mean {h} accuracy**, images without it ({b['num_retained_images']}) | "
                          f"{rb:.3f} | {ra:.3f} | {ra - rb:+.3f} |")
         lines += ["", "## Every metric (all images)", ""]
+    else:
+        lines += [f"No erased-concept summary ({report['concept_summary']}).", ""]
     lines += ["| metric | original | erased | change |", "|---|---|---|---|"]
     if "classes" in before:
         for key in before["classes"]:

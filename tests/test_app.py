@@ -122,11 +122,30 @@ def test_run_checks_inputs_itself() -> None:
     assert app.check_inputs(SEVEN, 0, 25, 5.0, 1) is None
 
 
-def test_serves_loopback_only_by_default() -> None:
+def test_serves_loopback_only_and_calls_no_one_by_default() -> None:
+    """In a process where nothing set them (conftest sets them for this one), importing the app turns
+    Gradio's analytics and the hub's telemetry off."""
     args = app.parse_args([])
     assert args.host == "127.0.0.1" and not args.share
-    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
-    assert os.environ["HF_HUB_DISABLE_TELEMETRY"].lower() in ("1", "true")
+    env = {k: v for k, v in ENV.items() if k not in ("GRADIO_ANALYTICS_ENABLED", "HF_HUB_DISABLE_TELEMETRY")}
+    code = "import os, app; print(os.environ['GRADIO_ANALYTICS_ENABLED'], os.environ['HF_HUB_DISABLE_TELEMETRY'])"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "1"]
+
+
+def test_a_named_port_is_the_port(tiny_sd_path: Path) -> None:
+    """$GRADIO_SERVER_PORT (or --port) taken: one line and exit 1, before any model loads, instead of
+    Gradio's silent move to one of the next 100 ports."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "--original", str(tiny_sd_path), "--erased",
+                               str(tiny_sd_path)], env={**ENV, "GRADIO_SERVER_PORT": str(port)},
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: port {port} on 127.0.0.1 is in use (pass --port with a free one)"
 
 
 def test_missing_erased_model_is_one_line(tmp_path: Path) -> None:

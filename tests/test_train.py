@@ -167,10 +167,14 @@ def test_custom_concept_from_flags(tiny_sd_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_train(["--forget-prompt", "a red apple", "--anchor-prompt", "a green apple", "--retain-prompt", "a banana",
                       "--retain-prompt", "a pear", "--mask_ratio", "0.3", "--gradient_accumulation_steps", "2",
-                      "--gradient-checkpointing", *small_run(tiny_sd_path, out, tmp_path / "cache")])
+                      "--gradient-checkpointing", "--resume-from-checkpoint", "latest",
+                      *small_run(tiny_sd_path, out, tmp_path / "cache")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "erase_config.json").read_text())
     assert record["concept"]["retain"] == ["a banana", "a pear"] and record["config"]["mask_ratio"] == 0.3
+    # `latest` with nothing to resume says so, on stderr and in the record
+    assert "found no checkpoint" in proc.stderr and record["resumed_from"] is None
+    assert len(record["notes"]) == 1 and record["notes"][0].startswith("--resume-from-checkpoint latest found no checkpoint")
     assert record["config"]["gradient_accumulation_steps"] == 2 and record["config"]["gradient_checkpointing"]
 
 
