@@ -251,6 +251,19 @@ def test_bf16_on_the_cpu_keeps_fp32_masters_and_frozen_modules(tiny_sd_path: Pat
     assert index["autocast"] == "bfloat16" and index["dtypes"] == {"unet": "float32", "vae": "bfloat16", "text_encoder": "bfloat16"}
 
 
+def test_every_other_method_in_bf16_on_the_cpu(tiny_sd_path: Path, tmp_path: Path) -> None:
+    """The CPU counterpart of the CUDA mixed-precision test for rl, esd-x and esd-u (ESD's teacher is
+    built in bf16): fp32 masters saved, frozen modules and weights outside the method's subset untouched."""
+    for method in ("rl", "esd-x", "esd-u"):
+        out = tmp_path / method
+        proc = run_train(["--concept", "nudity", "--method", method, "--mixed-precision", "bf16",
+                          *small_run(tiny_sd_path, out, tmp_path / "cache")])  # one cache: the sets are made once
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        check_erasure(tiny_sd_path, out)
+        record = json.loads((out / "erase_config.json").read_text())
+        assert record["config"]["mixed_precision"] == "bf16" and record["config"]["mask_ratio"] is None
+
+
 def test_fp16_without_a_gpu_is_one_clear_error(tiny_sd_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_train(["--concept", "nudity", "--mixed-precision", "fp16", *small_run(tiny_sd_path, out, tmp_path / "cache")])

@@ -3,6 +3,7 @@ outside the checkout, and use it from there."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,8 +35,13 @@ def run(code_or_args: list[str], env: dict[str, str], cwd: Path, timeout: int = 
     return subprocess.run([sys.executable, *code_or_args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def test_installed_wheel_knows_every_concept_and_runs_the_training_command(installed, tmp_path: Path) -> None:
+def test_installed_wheel_knows_every_concept_and_trains(installed, tmp_path: Path) -> None:
+    """Every concept file is in the wheel, and its training command erases (two steps) from it."""
     target, env = installed
+    out = tmp_path / "seven-erased"
+    argv = ["erase.train", "--model", "digits", "--concept", "seven", "--num-images", "4", "--generation-steps", "2",
+            "--train-batch-size", "2", "--saliency-batch-size", "2", "--max-train-steps", "2", "--output-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
     code = (
         "import sys, erase, erase.concepts as c\n"
         f"assert erase.__file__.startswith({str(target)!r}), erase.__file__\n"
@@ -43,11 +49,14 @@ def test_installed_wheel_knows_every_concept_and_runs_the_training_command(insta
         "assert {'nudity', 'church', 'seven', 'red'} <= set(known), sorted(known)\n"
         "for name in known: c.load_concept(name)\n"
         "print(len(known))\n"
-        "import runpy; sys.argv = ['erase.train', '--help']; runpy.run_module('erase.train', run_name='__main__')\n"
+        f"import runpy; sys.argv = {argv!r}; runpy.run_module('erase.train', run_name='__main__', alter_sys=True)\n"
     )
     proc = run(["-c", code], env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split()[0]) >= 25 and "--concept" in proc.stdout
+    assert int(proc.stdout.split()[0]) >= 25
+    record = json.loads((out / "erase_config.json").read_text())
+    assert record["concept"]["name"] == "seven" and record["config"]["max_train_steps"] == 2
+    assert record["versions"]["erase"] == "0.1.0" and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 @pytest.mark.slow
