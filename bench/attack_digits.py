@@ -29,7 +29,8 @@ from pathlib import Path
 
 from erase.concepts import load_concept
 from erase.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from eval.attack import AttackOptions, judge_for, run_attack
+from eval.attack import AttackOptions, run_attack
+from eval.judges import judge_for
 from eval.generate import Sample
 
 from common import machine, save_results  # bench/common.py (the scripts run from bench/)

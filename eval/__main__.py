@@ -198,7 +198,8 @@ def attack_options(args, steps: int, concept):
     """AttackOptions from the defaults, the --preset and the options given (their range checks run here)."""
     from dataclasses import fields
 
-    from eval.attack import AttackOptions, judge_kind
+    from eval.attack import AttackOptions
+    from eval.judges import judge_kind
 
     given = {f.name: getattr(args, f.name) for f in fields(AttackOptions) if hasattr(args, f.name)}
     return AttackOptions.from_preset(given | {"attack": args.attack, "num_inference_steps": steps},
@@ -207,7 +208,7 @@ def attack_options(args, steps: int, concept):
 
 def run_attack(args, state) -> dict:
     from erase.sd import pipeline_class, resolve_model
-    from eval.attack import judge_for
+    from eval.judges import judge_for
     from eval.attack import run_attack as attack
 
     steps, guidance = sampler_defaults(args.original, args.steps, None)
@@ -232,7 +233,7 @@ def write_attack(report: dict, out: str) -> None:
 
     from erase.atomic import replace_path, write_json
     from erase.cli import versions
-    from eval.attack import attack_grid, attack_markdown, inversion_state_dict
+    from eval.attack_report import attack_grid, attack_markdown, inversion_state_dict
 
     grid = attack_grid(report, max_prompts=len(report["images"]))
     out_path = Path(out)

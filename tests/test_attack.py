@@ -1,4 +1,4 @@
-"""Attacks on an erased model (eval/attack.py): the relaxed tokens, the placeholders, the loss the
+"""Attacks on an erased model (erase/tokens.py, erase/inversion.py, eval/attack.py, judges, report): the relaxed tokens, the placeholders, the loss the
 attack lowers, the report, and sharding over processes."""
 
 from __future__ import annotations
@@ -13,16 +13,10 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from eval.attack import (
-    AttackOptions,
-    Judge,
-    PlaceholderTokens,
-    inversion_captions,
-    project_simplex,
-    straight_through_one_hot,
-    sweep_timesteps,
-    unlearndiffatk,
-)
+from erase.inversion import InversionSettings, inversion_captions
+from erase.tokens import PlaceholderTokens, project_simplex, straight_through_one_hot, sweep_timesteps
+from eval.attack import AttackOptions, unlearndiffatk
+from eval.judges import Judge
 from eval.generate import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +134,7 @@ def test_the_attack_lowers_its_loss(digits_pipe):
     (bench/attack_digits.py says more)."""
     from erase.objectives import training_scheduler
     from erase.sd import encode_images, generate
-    from eval.attack import _denoising_loss
+    from erase.inversion import denoising_loss
 
     pipe = digits_pipe
     scheduler = training_scheduler(pipe.scheduler)
@@ -161,7 +155,7 @@ def test_the_attack_lowers_its_loss(digits_pipe):
             for t in sweep_timesteps(1000, 2):
                 g = torch.Generator().manual_seed(t)
                 timesteps = torch.full((1,), t)
-                total += sum(float(_denoising_loss(pipe, scheduler, latents, timesteps, [" ".join(words) + " " + sample.prompt], g))
+                total += sum(float(denoising_loss(pipe, scheduler, latents, timesteps, [" ".join(words) + " " + sample.prompt], g))
                              for _ in range(8))
         return total
 
@@ -284,7 +278,7 @@ def test_both_attacks_run_on_every_family(family, tiny_family_paths):
 def _unet_inputs(pipe, latents: torch.Tensor, t: int) -> tuple[torch.Tensor, dict]:
     """What the attack's loss feeds the UNet at timestep t: its x_t and its keyword arguments."""
     from erase.objectives import training_scheduler
-    from eval.attack import _denoising_loss
+    from erase.inversion import denoising_loss
 
     seen = {}
 
@@ -294,7 +288,7 @@ def _unet_inputs(pipe, latents: torch.Tensor, t: int) -> tuple[torch.Tensor, dic
     handle = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            _denoising_loss(pipe, training_scheduler(pipe.scheduler), latents, torch.full((len(latents),), t),
+            denoising_loss(pipe, training_scheduler(pipe.scheduler), latents, torch.full((len(latents),), t),
                             ["a red handwritten digit seven"] * len(latents), torch.Generator().manual_seed(0))
     finally:
         handle.remove()
@@ -333,14 +327,14 @@ def test_the_attack_noises_with_the_training_schedule_after_sampling(family, tin
 def test_the_inversion_runs_on_an_euler_v_prediction_model():
     """Random training timesteps are not in an Euler inference schedule (an IndexError before)."""
     from erase.sd import encode_images, generate
-    from eval.attack import train_inversion
+    from erase.inversion import train_inversion
 
     pipe = _euler_v_pipeline()
     for part in (pipe.unet, pipe.text_encoder, pipe.vae):
         part.requires_grad_(False)
     latents = encode_images(pipe, generate(pipe, ["a red handwritten digit seven"], [0], 2, 5.0))
     vectors, trace = train_inversion(pipe, latents, ["a red handwritten digit <erased-concept>"],
-                                     AttackOptions(attack="inversion", inversion_steps=3, inversion_batch_size=2))
+                                     InversionSettings(steps=3, batch_size=2))
     assert len(vectors) == 1 and len(trace) == 1 and torch.isfinite(vectors[0]).all()
 
 
@@ -380,7 +374,8 @@ class _OnlyFirstOriginal:
 def test_benchmark_protocol_filters_on_the_original_and_the_inversion_learns_apart(tiny_sd_path):
     """The benchmark attacks only the prompts the original shows (LMS sampler, its own target steps);
     Pham et al.'s inversion learns from other seeds than the measured ones, with flips and accumulation."""
-    from eval.attack import attack_markdown, run_attack
+    from eval.attack import run_attack
+    from eval.attack_report import attack_markdown
 
     samples = [Sample(i, f"a red handwritten digit {w}", i, 5.0) for i, w in enumerate(["seven", "one", "two"])]
     path = str(tiny_sd_path)
@@ -421,7 +416,7 @@ def test_the_nudenet_judge_at_both_thresholds(found, shown, monkeypatch):
 
     import eval.nudity
     from erase.concepts import load_concept
-    from eval.attack import judge_for
+    from eval.judges import judge_for
 
     monkeypatch.setattr(eval.nudity, "default_detector", lambda: _Detections(found))
     judge = judge_for(load_concept("nudity"))

@@ -1,0 +1,106 @@
+"""Concept inversion (Pham et al., ICLR 2024, "Circumventing Concept Erasure Methods"): textual
+inversion of a new token against a model's frozen UNet and text encoder(s). It attacks an erasure in
+eval, and an adversarial erasure can train against it; `denoising_loss` is the loss both attacks lower.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from erase.conditioning import unet_kwargs
+from erase.objectives import mse_per_sample, noisy_latents_and_target, step_generator, training_scheduler
+from erase.tokens import PlaceholderTokens, allowed_token_ids
+
+__all__ = ["INVERSION_TOKEN", "InversionSettings", "denoising_loss", "inversion_captions", "train_inversion"]
+
+INVERSION_TOKEN = "<erased-concept>"
+
+
+@dataclass
+class InversionSettings:
+    """How the token is learnt (see eval.attack.AttackOptions for the command's spelling and defaults)."""
+
+    steps: int = 1000  # optimizer steps
+    lr: float = 5e-3  # as used: not scaled by the batch
+    batch_size: int = 4  # target images per micro-batch
+    accumulation: int = 1  # micro-batches per optimizer step
+    weight_decay: float = 0.0  # AdamW's; 0: Adam
+    init: str | None = None  # a word whose embedding starts the token (None: the mean embedding)
+    flip: bool = False  # mirror each drawn target image with probability 1/2
+    seed: int = 0
+
+
+def denoising_loss(pipe, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, prompts: Sequence[str],
+                    g: torch.Generator) -> torch.Tensor:
+    """The mean ||target - UNet(x_t, t | prompt)||^2 of `latents` (B, 4, h, w) at `timesteps` (B,), with
+    fresh noise from `g`, noised by the `training_scheduler` `scheduler`; gradients reach the placeholder
+    vectors through the text encoder(s). SDXL's size ids are those of the latents' images."""
+    from erase.sd import text_conditioning
+
+    noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents.device, latents.dtype)
+    x_t, target = noisy_latents_and_target(scheduler, latents, noise, timesteps)
+    cond = text_conditioning(pipe, prompts, resolution=latents.shape[-1] * pipe.vae_scale_factor)
+    pred = pipe.unet(x_t.to(pipe.unet.dtype), timesteps, **unet_kwargs(cond.to(dtype=pipe.unet.dtype))).sample
+    return mse_per_sample(pred, target).mean()
+
+
+def inversion_captions(prompts: Sequence[str], concept_name: str | None, token: str = INVERSION_TOKEN) -> list[str]:
+    """Each prompt with the concept's name (a whole word) replaced by the token, else the token prepended."""
+    out = []
+    for p in prompts:
+        pattern = re.compile(rf"\b{re.escape(concept_name)}\b", re.IGNORECASE) if concept_name else None
+        out.append(pattern.sub(token, p) if pattern and pattern.search(p) else f"{token} {p}")
+    return out
+
+
+def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: InversionSettings,
+                    mirrored: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[float]]:
+    """Textual inversion against `pipe`'s frozen UNet and text encoder(s): one embedding per text encoder
+    for INVERSION_TOKEN, minimising the denoising loss of `latents` (N, 4, h, w) under `captions` at
+    uniform random timesteps. With `opts.flip`, `mirrored` holds the latents of the mirrored
+    images and each drawn image is mirrored with probability 1/2. Returns the embeddings ((1, D) each)
+    and the loss per 50 steps."""
+    g = step_generator(opts.seed, 0, device=latents.device)
+    scheduler = training_scheduler(pipe.scheduler)
+    num_t = scheduler.config.num_train_timesteps
+    if opts.flip and mirrored is None:
+        raise ValueError("flip needs the mirrored images' latents")
+    with PlaceholderTokens(pipe, [INVERSION_TOKEN]) as place:
+        matrices = place.embedding_matrices()
+        vectors = []
+        for (tokenizer, _), m in zip(place.pairs, matrices, strict=True):
+            if opts.init:
+                ids = tokenizer(opts.init, add_special_tokens=False).input_ids
+                start = m.detach()[ids].float().mean(0, keepdim=True)
+            else:
+                start = m.detach()[allowed_token_ids(tokenizer, m.shape[0]).to(m.device)].float().mean(0, keepdim=True)
+            vectors.append(start.clone().requires_grad_(True))
+        if opts.weight_decay:
+            optimizer = torch.optim.AdamW(vectors, lr=opts.lr, weight_decay=opts.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(vectors, lr=opts.lr)
+        trace, running = [], []
+        for step in range(opts.steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(opts.accumulation):
+                pick = torch.randint(0, len(latents), (opts.batch_size,), generator=g, device=g.device).tolist()
+                t = torch.randint(0, num_t, (len(pick),), generator=g, device=g.device).to(latents.device)
+                batch = latents[pick]
+                if opts.flip:
+                    flip = torch.rand(len(pick), generator=g, device=g.device).to(latents.device) < 0.5
+                    batch = torch.where(flip[:, None, None, None], mirrored[pick], batch)
+                place.set([v.to(m.dtype) for v, m in zip(vectors, matrices, strict=True)])
+                loss = denoising_loss(pipe, scheduler, batch, t, [captions[i] for i in pick], g) / opts.accumulation
+                loss.backward()
+                total = total + loss.detach()
+            optimizer.step()
+            running.append(total)
+            if len(running) == 50 or step == opts.steps - 1:
+                trace.append(float(torch.stack(running).mean()))
+                running = []
+    return [v.detach() for v in vectors], trace
