@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 
 from erase.concepts import available_concepts, load_concept  # noqa: E402
 from erase.digits import is_digits_model  # noqa: E402
-from erase.cli import check_model, default_device, quiet_libraries  # noqa: E402
+from erase.cli import check_model, default_device, one_line_errors, quiet_libraries, run_command  # noqa: E402
 from erase.sd import generate, load_pipeline, sampler_defaults  # noqa: E402
 
 DEMO_ERASED = Path(__file__).resolve().parent / "demo" / "seven-erased"
@@ -169,7 +169,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--original", default="digits", help="model before erasure: digits, a folder or a hub id")
     parser.add_argument("--erased", default=str(DEMO_ERASED), help="erased pipeline folder (default: make demo's)")
     parser.add_argument("--labels", choices=["auto", "digits", "nudenet", "none"], default="auto",
@@ -182,31 +182,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def check(argv: list[str] | None) -> argparse.Namespace:
+    """Every input, before a model is loaded."""
     args = parse_args(argv)
     if args.erased == str(DEMO_ERASED) and not DEMO_ERASED.is_dir():
-        print(f"error: {DEMO_ERASED} does not exist: run `make demo` first, or pass --erased FOLDER", file=sys.stderr)
-        return 2
-    port = args.port
-    if port is None and os.environ.get("GRADIO_SERVER_PORT"):
-        port = int(os.environ["GRADIO_SERVER_PORT"])
-    if port is not None and not port_is_free(args.host, port):
+        raise ValueError(f"{DEMO_ERASED} does not exist: run `make demo` first, or pass --erased FOLDER")
+    check_model(args.original, "original model")
+    check_model(args.erased, "erased model")
+    args.port = args.port if args.port is not None else int(os.environ.get("GRADIO_SERVER_PORT") or 0) or None
+    return args
+
+
+def serve(args: argparse.Namespace) -> None:
+    if args.port is not None and not port_is_free(args.host, args.port):
         # a named port is the port: Gradio would otherwise try the next 100 without a word
-        print(f"error: port {port} on {args.host} is in use (pass --port with a free one)", file=sys.stderr)
-        return 1
+        raise OSError(f"port {args.port} on {args.host} is in use (pass --port with a free one)")
     quiet_libraries(progress_bars=False)
-    digits = is_digits_model(args.original)
-    kind = args.labels if args.labels != "auto" else ("digits" if digits else "nudenet")
+    kind = args.labels if args.labels != "auto" else ("digits" if is_digits_model(args.original) else "nudenet")
     steps, guidance = sampler_defaults(args.original)
-    try:
-        check_model(args.original, "original model")
-        check_model(args.erased, "erased model")
-        app = build_app(args.original, args.erased, make_labeller(kind, args.device), args.device, steps=steps, guidance=guidance)
-    except (ValueError, OSError) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    app.launch(server_name=args.host, server_port=port, share=args.share)
-    return 0
+    app = build_app(args.original, args.erased, make_labeller(kind, args.device), args.device, steps=steps, guidance=guidance)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: check(argv), serve)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from erase.cli import (
     check_positive,
     check_writable,
     one_line_errors,
+    run_command,
 )
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask
 
@@ -391,22 +392,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = one_line_errors(argparse.ArgumentParser(prog="python -m erase.classifier", description=__doc__.split("\n\n")[0]))
     add_dataclass_arguments(parser, UnlearnConfig)
     parser.add_argument("--out", required=True, help="JSON report path")
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
     logging.basicConfig(level=logging.WARNING)
-    try:
-        cfg = UnlearnConfig(**args)
+
+    def check() -> tuple[UnlearnConfig, str]:
+        args = vars(parser.parse_args(argv))
+        out = args.pop("out")
         check_writable(out, "report")
-        report = run(cfg)
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
+        return UnlearnConfig(**args), out
+
+    return run_command(check, lambda checked: unlearn_and_write(*checked))
+
+
+def unlearn_and_write(cfg: UnlearnConfig, out: str) -> None:
+    report = run(cfg)
     write_json(report, out)
     m = report["metrics"]
     noisy = f", {report['forget_mislabeled']} of {report['forget_size']} forget labels flipped" if cfg.label_noise else ""
     print(f"{cfg.method}: UA {m['UA']:.2f}  RA {m['RA']:.2f}  TA {m['TA']:.2f}  MIA {m['MIA']:.2f}  "
           f"({report['seconds']:.1f} s{noisy}) -> {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 __all__ = [
+    "BadInput",
     "add_dataclass_arguments",
+    "check_launch",
     "check_model",
     "check_positive",
     "check_prompts",
@@ -21,6 +23,7 @@ __all__ = [
     "default_device",
     "one_line_errors",
     "quiet_libraries",
+    "run_command",
     "versions",
 ]
 
@@ -60,6 +63,53 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     parser.error = error  # type: ignore[method-assign]
     return parser
+
+
+class BadInput(ValueError):
+    """Bad input that only shows once work has begun (a mask that does not fit the loaded model, a
+    launch that lost its processes): the command exits 2, as for any other bad input."""
+
+
+T = TypeVar("T")
+CHECK_ERRORS = (ValueError, OSError)  # raised while checking the input: bad input, exit 2
+RUN_ERRORS = (ValueError, OSError, ImportError, RuntimeError)  # raised while running: exit 1 (BadInput: 2)
+
+
+def run_command(check: Callable[[], T], run: Callable[[T], int | None]) -> int:
+    """The one error path of every command. `check()` parses and checks the input before any model is
+    loaded or image generated; `run(checked)` does the work. An error ends the command with one
+    `error:` line on stderr: exit 2 for bad input (anything `check` raises, and `BadInput`), 1 for
+    a failure at run time. Usage errors exit 2 through `one_line_errors`."""
+    try:
+        checked = check()
+    except CHECK_ERRORS as err:
+        return _one_line(err, 2)
+    try:
+        return run(checked) or 0
+    except BadInput as err:
+        return _one_line(err, 2)
+    except RUN_ERRORS as err:
+        return _one_line(err, 1)
+
+
+def _one_line(err: BaseException, status: int) -> int:
+    print(f"error: {err}".splitlines()[0], file=sys.stderr)
+    return status
+
+
+def check_launch(num_processes: int) -> None:
+    """A command launched as N processes that runs as fewer refuses (without a GPU, `accelerate launch
+    --multi_gpu` starts processes that each believe they are process 0 of 1, and all would write)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > num_processes:
+        hint = " (no GPU here: set ACCELERATE_USE_CPU=1)" if not _cuda_available() else ""
+        raise BadInput(f"launched as {launched} processes but running as {num_processes}{hint}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def quiet_libraries(progress_bars: bool = True) -> None:
@@ -115,18 +165,27 @@ def check_prompts(name: str, prompts: Iterable[str]) -> None:
             raise ValueError(f"{name.replace('_', '-')} must not be empty")
 
 
-def check_writable(path: str | os.PathLike, what: str = "output") -> None:
-    """The nearest existing folder on `path`'s way must be writable (nothing is created here)."""
+def check_writable(path: str | os.PathLike, what: str = "output", folder: bool = False) -> None:
+    """`path` can be written: a file can be created in the nearest existing folder on its way (tried,
+    not guessed: permission bits say yes for root on read-only and virtual file systems), and nothing
+    stands in its place that cannot be replaced (with `folder`, a file where the folder would go)."""
+    import tempfile
+
     path = Path(path).absolute()
-    if path.is_dir() and not os.access(path, os.W_OK):
-        raise ValueError(f"{what} folder {path} is not writable")
-    parent = path.parent
+    if path.exists() and not path.is_dir() and (folder or not os.access(path, os.W_OK)):
+        raise ValueError(f"{what} {path} is a file" if folder else f"{what} {path} is not writable")
+    if path.is_dir() and not folder:
+        raise ValueError(f"{what} {path} is a folder")
+    parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
         raise ValueError(f"cannot write the {what} {path}: {parent} is not a writable folder")
-    if path.exists() and not path.is_dir() and not os.access(path, os.W_OK):
-        raise ValueError(f"{what} {path} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-check-"):
+            pass
+    except OSError:
+        raise ValueError(f"cannot write the {what} {path}: {parent} is not a writable folder") from None
 
 
 def check_model(name_or_path: str, what: str = "model") -> None:

@@ -16,7 +16,7 @@ from erase.cli import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept
 from erase.conditioning import Conditioning
 from erase.objectives import esd_loss, noised, saliency_loss, salun_loss, step_generator
-from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask
+from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, read_mask_shapes
 from erase.sd import encode_images, encode_prompts, frozen_parts, image_set
 
 __all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "frozen_copy", "hold_frozen", "masked_optimizer",
@@ -75,8 +75,10 @@ class TrainConfig:
             self.mask_ratio = check_ratio(0.5 if self.mask_ratio is None else self.mask_ratio)
         if not self.concept and not self.forget_prompt:
             raise ValueError("give --concept NAME or --forget-prompt TEXT")
-        if self.max_train_steps < 0 or self.train_batch_size < 1 or self.num_images < 1:
-            raise ValueError("max_train_steps must be >= 0, train_batch_size and num_images >= 1")
+        if self.max_train_steps < 1:
+            raise ValueError(f"max-train-steps must be >= 1, got {self.max_train_steps} (0 would publish the unchanged model)")
+        if self.train_batch_size < 1 or self.num_images < 1:
+            raise ValueError("train_batch_size and num_images must be >= 1")
         if min(self.generation_batch_size, self.saliency_batch_size, self.logging_steps) < 1:
             raise ValueError("generation_batch_size, saliency_batch_size and logging_steps must be >= 1")
         check_positive(learning_rate=self.learning_rate, generation_steps=self.generation_steps,
@@ -88,10 +90,10 @@ class TrainConfig:
         check_prompts("forget_prompt", self.forget_prompt)
         check_prompts("anchor_prompt", self.anchor_prompt)
         check_prompts("retain_prompt", self.retain_prompt)
-        if self.mask is not None and not os.path.isfile(self.mask):
-            raise ValueError(f"mask file not found: {self.mask}")
-        check_writable(self.output_dir, "output")
-        check_writable(self.cache_dir, "cache")
+        if self.mask is not None:
+            read_mask_shapes(self.mask)  # a saliency mask file (its names and shapes meet the model later)
+        check_writable(self.output_dir, "output", folder=True)
+        check_writable(self.cache_dir, "cache", folder=True)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from erase.atomic import replace_path
+from erase.cli import BadInput
 
 logger = logging.getLogger(__name__)
 
@@ -228,19 +229,31 @@ def save_mask(mask: Mapping[str, torch.Tensor], path: str | os.PathLike, metadat
     replace_path(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def load_mask(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Read a mask written by `save_mask`; with `model`, check every name and shape against it."""
+def read_mask_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """The names and shapes a mask file holds, from its header alone; one clear error for a missing,
+    corrupt or foreign file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mask file not found: {path}")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != MASK_FORMAT:
-            raise ValueError(f"{path} is not a saliency mask written by this toolkit")
-        shapes = json.loads(meta["shapes"])
-        mask = {}
-        for name, shape in shapes.items():
-            mask[name] = unpack_bits(f.get_tensor(name), shape)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise BadInput(f"{path} is not a readable safetensors file ({err})".splitlines()[0]) from None
+    if meta.get("format") != MASK_FORMAT:
+        raise BadInput(f"{path} is not a saliency mask written by this toolkit")
+    return json.loads(meta["shapes"])
+
+
+def load_mask(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Read a mask written by `save_mask`; with `model`, check every name and shape against it."""
+    path = os.fspath(path)
+    shapes = read_mask_shapes(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            mask = {name: unpack_bits(f.get_tensor(name), shape) for name, shape in shapes.items()}
+    except Exception as err:
+        raise BadInput(f"{path}: the mask's data is damaged ({err})".splitlines()[0]) from None
     if model is not None:
         check_mask_matches(mask, model, source=path)
     return mask
@@ -250,10 +263,10 @@ def check_mask_matches(mask: Mapping[str, torch.Tensor], model: torch.nn.Module,
     params = dict(model.named_parameters())
     missing = [n for n in mask if n not in params]
     if missing:
-        raise ValueError(f"{source} does not fit this model: {len(missing)} names not in the model, e.g. {missing[0]!r}")
+        raise BadInput(f"{source} does not fit this model: {len(missing)} names not in the model, e.g. {missing[0]!r}")
     for name, m in mask.items():
         if tuple(m.shape) != tuple(params[name].shape):
-            raise ValueError(
+            raise BadInput(
                 f"{source} does not fit this model: {name!r} has shape {tuple(m.shape)} in the mask "
                 f"and {tuple(params[name].shape)} in the model"
             )

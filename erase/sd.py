@@ -78,6 +78,7 @@ FAMILIES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusion
 def pipeline_class(name_or_path: str) -> type[DiffusionPipeline]:
     """The supported pipeline class of a folder or hub id (from its model_index.json, nothing else
     loaded); one clear error for anything else."""
+    check_model(name_or_path)
     path = resolve_model(name_or_path)
     try:
         name = DiffusionPipeline.load_config(path).get("_class_name")
@@ -96,7 +97,6 @@ def is_sdxl(pipe) -> bool:
 def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
     """Load a pipeline folder or hub id of a supported family, without a safety checker; one clear
     error if it is missing or of another kind."""
-    check_model(name_or_path)
     cls = pipeline_class(name_or_path)
     path = resolve_model(name_or_path)
     # diffusers 0.42 renamed torch_dtype to dtype

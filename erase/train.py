@@ -35,9 +35,12 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from erase.atomic import replace_dir, shared_output_dir, write_json  # noqa: E402
 from erase.cli import (  # noqa: E402
+    BadInput,
     add_dataclass_arguments,
+    check_launch,
     one_line_errors,
     quiet_libraries,
+    run_command,
     versions,
 )
 from erase.concepts import load_concept  # noqa: E402
@@ -59,7 +62,7 @@ from erase.saliency import (  # noqa: E402
     save_mask,
     select_parameters,
 )
-from erase.sd import load_pipeline  # noqa: E402
+from erase.sd import load_pipeline, pipeline_class  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -148,13 +151,14 @@ def train(cfg: TrainConfig) -> str:
         project_config=ProjectConfiguration(project_dir=staging, logging_dir=os.path.join(staging, "logs")),
     )
     device = accelerator.device
+    check_launch(accelerator.num_processes)
     checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
     notes = []  # what the run did other than asked, also in erase_config.json
     if cfg.resume_from_checkpoint == "latest" and checkpoint is None:
         notes.append(f"--resume-from-checkpoint latest found no checkpoint in {staging}: started afresh")
         logger.warning(notes[-1])
     if cfg.mixed_precision == "fp16" and not accelerator.native_amp:
-        raise ValueError(f"--mixed-precision fp16 needs a GPU (this process runs on {device.type}); use bf16 or no")
+        raise BadInput(f"--mixed-precision fp16 needs a GPU (this process runs on {device.type}); use bf16 or no")
     if checkpoint is None and os.path.isdir(staging) and accelerator.is_main_process:
         logger.warning(f"starting afresh: removing the unfinished run in {staging}")
         shutil.rmtree(staging)
@@ -253,17 +257,26 @@ def publish(pipe, staging: str, cfg: TrainConfig, record: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def check(argv: list[str] | None) -> TrainConfig:
+    """Every input, before a model is loaded: the options, the concept, the output folder, the checkpoint."""
+    cfg = parse_args(argv)
+    cfg.resolve_concept()
+    pipeline_class(cfg.pretrained_model_name_or_path)  # a supported pipeline, from its model_index.json alone
+    check_output_dir(cfg)
+    if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
+        raise ValueError(f"checkpoint folder not found: {cfg.resume_from_checkpoint}")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     quiet_libraries()
-    try:
-        cfg = parse_args(argv)
+
+    def run(cfg: TrainConfig) -> None:
         out = train(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
-    print(f"erased {cfg.concept or 'custom concept'} with {cfg.method}: {out}")
-    return 0
+        print(f"erased {cfg.concept or 'custom concept'} with {cfg.method}: {out}")
+
+    return run_command(lambda: check(argv), run)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,15 @@ from collections.abc import Sequence
 import torch
 
 from erase.cli import (
+    BadInput,
     add_dataclass_arguments,
     check_model,
     check_positive,
+    check_launch,
     check_writable,
     one_line_errors,
     quiet_libraries,
+    run_command,
 )
 from erase.digits import is_digits_model
 
@@ -137,7 +140,7 @@ def _fid_samples(args, guidance: float):
                 for d in range(len(DIGIT_WORDS)) for c in COLOURS]
         source = {"prompts_file": None, "prompts": "digits template, every digit in every colour"}
     else:
-        raise ValueError("fid needs --prompts FILE (CSV or text) for a model other than digits")
+        raise BadInput("fid needs --prompts FILE (CSV or text) for a model other than digits")
     return prompt_samples(rows, args.images_per_prompt, guidance, args.seed, guidance), source
 
 
@@ -354,9 +357,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"prompts file not found: {prompts}")
     if args.command == "attack":
         attack_options(args, args.steps or 1, attack_concept(args))  # its own range checks; the concept has a judge
-    check_writable(args.out, "report")
+    check_writable(args.out, "report", folder=args.command == "compare")
     if getattr(args, "save_images", None):
-        check_writable(args.save_images, "image")
+        check_writable(args.save_images, "image", folder=True)
 
 
 def _headline(command: str, report: dict) -> str:
@@ -376,13 +379,17 @@ def _headline(command: str, report: dict) -> str:
     return "report.json, report.md and grid.png written"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def check(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as err:
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
-        return 1
+    check_args(args)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(lambda: check(argv), run)
+
+
+def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     quiet_libraries()
@@ -392,12 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Why the flag: `accelerate launch` passes "run on the CPU" in this variable, which only
     # Accelerator reads by itself; without it a CPU-only launch falls back to one process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_launch(state.num_processes)
     start = time.time()
-    try:
-        report = COMMANDS[args.command](args, state)
-    except (ValueError, OSError, ImportError) as err:
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
-        return 1
+    report = COMMANDS[args.command](args, state)
     report |= {"num_processes": state.num_processes, "wall_seconds": round(time.time() - start, 1)}
     if state.is_main_process:
         if args.command == "attack":
@@ -411,7 +415,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     state.wait_for_everyone()
     if state.num_processes > 1:
         state.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Sequence
 
+from erase.cli import check_writable, one_line_errors, run_command
 from erase.digits.build import DigitsTrainingOptions, train_pipeline
 from erase.digits.judge import ClassifierTrainingOptions, train_classifier
 from erase.digits.paths import CLASSIFIER_PATH, MODEL_DIR
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m erase.digits", description="Rebuild the embedded digits model or its judging classifier.")
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run_command(lambda: check(argv), build)
+
+
+def check(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = one_line_errors(argparse.ArgumentParser(prog="python -m erase.digits", description="Rebuild the embedded digits model or its judging classifier."))
     parser.add_argument("--train", action="store_true", help="train the pipeline from scratch")
     parser.add_argument("--train-classifier", action="store_true", help="train the judging classifier")
     parser.add_argument("--output-dir", default=str(MODEL_DIR), help="pipeline folder to write")
@@ -24,11 +31,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.train or args.train_classifier):
         parser.error("nothing to do: pass --train and/or --train-classifier")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args.options = DigitsTrainingOptions(output_dir=args.output_dir, seed=args.seed, max_train_steps=args.max_train_steps,
+                                         vae_steps=args.vae_steps)  # its own range checks
+    if args.train:
+        check_writable(args.output_dir, "output", folder=True)
+    if args.train_classifier:
+        check_writable(args.classifier_out, "classifier")
+    return args
+
+
+def build(args: argparse.Namespace) -> None:
     if args.train:
         start = time.time()
-        opts = DigitsTrainingOptions(output_dir=args.output_dir, seed=args.seed,
-                                     max_train_steps=args.max_train_steps, vae_steps=args.vae_steps)
+        opts = args.options
         print(f"pipeline written to {train_pipeline(opts)} in {time.time() - start:.0f} s")
     if args.train_classifier:
         start = time.time()
@@ -37,4 +52,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
 import torch
 
 from erase.atomic import write_json
-from erase.cli import add_dataclass_arguments, check_writable, one_line_errors
+from erase.cli import add_dataclass_arguments, check_writable, one_line_errors, run_command
 from erase.worst_case.classifier import run_classifier
 from erase.worst_case.config import WorstCaseConfig
 from erase.worst_case.prompt import run_prompt
@@ -32,17 +31,22 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WorstCaseConfig, str,
     return WorstCaseConfig(**args), out, report
 
 
+def check(argv: Sequence[str] | None) -> tuple[WorstCaseConfig, str, str | None]:
+    cfg, out, report_path = parse_args(argv)
+    check_writable(out, "output")
+    if report_path:
+        check_writable(report_path, "report")
+    return cfg, out, report_path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg, out, report_path = parse_args(argv)
-        check_writable(out, "output")
-        if report_path:
-            check_writable(report_path, "report")
-        report = run(cfg)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
+    return run_command(lambda: check(argv), write_result)
+
+
+def write_result(checked: tuple[WorstCaseConfig, str, str | None]) -> None:
+    cfg, out, report_path = checked
+    report = run(cfg)
     selected = report["prompts"] if cfg.target == "prompt" else report["indices"]
     write_json(selected, out)
     if report_path:
@@ -50,4 +54,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     moved = 1 - report["history"][-1]["overlap_with_start"] if report["history"] else 0.0
     print(f"worst-case {cfg.target} set: {report['size']} of {report['candidates']} items, {moved:.0%} changed from the "
           f"random start, {report['seconds']:.1f} s -> {out}")
-    return 0

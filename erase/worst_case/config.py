@@ -95,7 +95,7 @@ class WorstCaseConfig:
             check_model(self.model)
             if self.prompts is not None and not os.path.isfile(self.prompts):
                 raise ValueError(f"cannot read candidate prompts from {self.prompts}: no such file")
-            check_writable(self.cache_dir, "cache")
+            check_writable(self.cache_dir, "cache", folder=True)
 
     def search_options(self, show_progress: bool = True) -> SearchOptions:
         return SearchOptions(self.outer_steps, self.w_lr, self.gamma, self.hypergradient, self.unroll_lr, show_progress=show_progress)
