@@ -23,6 +23,8 @@ SalUn under a saliency mask, Adam); the held-out digits classifier scores images
 showing the prompt's digit in its colour) and of the other prompts (RA).
 
     python bench/worst_case.py --seeds 5 --out bench/results/worst_case.json
+    python bench/worst_case.py --seeds 5 --skip-prompt --keep-prompt-from bench/results/worst_case.json  # data-wise only
+    python bench/worst_case.py --render  # re-summarise the JSON at --out from its per-seed numbers, rewrite its Markdown
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -122,12 +125,13 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 
 def harder(random: dict, worst: dict) -> dict[str, bool]:
-    """Per seed: lower UA at equal RA (within EQUAL_RA); lower UA without more RA (the method is no better
-    on the retain set either, so the lower UA is not a trade for RA); a larger gap; a lower forget CE."""
+    """Per seed: lower UA at equal RA (within EQUAL_RA either way); lower UA with RA no higher (not higher by
+    any amount: the method is no better on the retain set either, so the lower UA is not a trade for RA);
+    a larger gap; a lower forget CE."""
     ua_lower = worst["metrics"]["UA"] < random["metrics"]["UA"]
     ra_change = worst["metrics"]["RA"] - random["metrics"]["RA"]
     return {"lower_UA_at_equal_RA": ua_lower and abs(ra_change) <= EQUAL_RA,
-            "lower_UA_no_more_RA": ua_lower and ra_change <= EQUAL_RA,
+            "lower_UA_no_more_RA": ua_lower and ra_change <= 1e-9,  # RA no higher at all (1e-9: float noise only)
             "larger_gap": worst["gap"] > random["gap"], "lower_forget_ce": worst["forget_ce"] < random["forget_ce"]}
 
 
@@ -305,12 +309,12 @@ def data_markdown(regime: dict, result: dict, n: int) -> list[str]:
         f"{result['epochs']} epochs) on the random set and on the worst-case set searched for it. "
         "Gap = mean |metric - Retrain on the same set| over UA, RA, TA, MIA. Forget CE = cross-entropy "
         "of the forget set after unlearning (lower = still fitted). Mislabeled = flipped samples in the set. "
-        f"Harder in seeds: UA lower at equal RA (±{EQUAL_RA} points) / UA lower with RA no higher (+{EQUAL_RA}) / "
+        f"Harder in seeds: UA lower at equal RA (RA within ±{EQUAL_RA} points) / UA lower with RA no higher (by any amount) / "
         "larger gap / lower forget CE. "
         f"Original model's test accuracy: {fmt(regime['original_TA'])}.",
         "",
         "| method | set | mislabeled | UA | RA | TA | MIA | Retrain UA | gap | forget CE before → after "
-        "| harder in seeds (UA@RA / UA, RA≤ / gap / CE) | search (s) | search / unlearning |",
+        f"| harder in seeds (UA, RA±{EQUAL_RA} / UA, RA≤ / gap / CE) | search (s) | search / unlearning |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, row in regime["summary"].items():
@@ -354,6 +358,12 @@ def sweep_markdown(sweep: list[dict], n: int) -> list[str]:
     return lines
 
 
+def kept(part: dict) -> str:
+    where = part["kept_from"] + (f" as of commit {part['kept_from_commit']}" if part.get("kept_from_commit") else "")
+    machine_line = f", {part['machine_of_that_run']}" if part.get("machine_of_that_run") else ""
+    return f"{where}; that run's wall time {part['wall_seconds_of_that_run'] / 60:.1f} min{machine_line}"
+
+
 def markdown(result: dict) -> str:
     n = len(result["seeds"])
     lines = [
@@ -369,11 +379,15 @@ def markdown(result: dict) -> str:
         for regime in result["data"]["regimes"]:
             lines += data_markdown(regime, result, n)
         lines += sweep_markdown(result["data"]["sweep"], n)
+    if "kept_from" in result["data"]:
+        lines += ["", f"The data-wise part above is kept from an earlier run ({kept(result['data'])})."]
     lines += ["", "## Prompt-wise, embedded digits model", ""]
     prompt = result["prompt"]
     if "skipped" in prompt:
         lines.append(f"Not run: {prompt['skipped']}.")
     else:
+        if "kept_from" in prompt:
+            lines += [f"Kept from an earlier run ({kept(prompt)}); this run did not repeat it.", ""]
         s = prompt["summary"]
         lines += [
             f"Model: {prompt['model']}. {result['prompt_size']} of the 40 template prompts. Search: SalUn lower level "
@@ -398,8 +412,38 @@ def markdown(result: dict) -> str:
         for seed in prompt["per_seed"]:
             sets = "; ".join(f"{k}: {v['prompts']}" for k, v in seed["variants"].items())
             lines.append(f"- seed {seed['seed']}: random {seed['random']['prompts']}; {sets}")
-    lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
+    commit = result.get("code", {}).get("commit")
+    at = f" at {commit}" if commit else ""
+    if result.get("code", {}).get("modified"):
+        at += f" (with uncommitted changes to {', '.join(result['code']['modified'])})"
+    lines += ["", f"Machine: {result['machine']}; code{at}; wall time {result['wall_seconds'] / 60:.1f} min"
+              + (" (the parts run here)." if any("kept_from" in result[k] for k in ("data", "prompt")) else ".")]
     return "\n".join(lines) + "\n"
+
+
+PROMPT_SETTINGS = ("prompt_size", "prompt_steps", "prompt_lr", "beta", "mask_ratio", "eval_images", "prompt_outer_steps",
+                   "prompt_inner_steps", "images_per_prompt")
+
+
+def git(*argv: str) -> str | None:
+    try:
+        return subprocess.run(["git", *argv], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent.parent).stdout.rstrip("\n")  # the repository root
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def code_version() -> dict:
+    """The commit this run started from, and which of the files it imports (erase/, this script, bench/common.py)
+    differed from that commit when it started."""
+    status = git("status", "--porcelain", "--untracked-files=no", "--", "erase", "bench/worst_case.py", "bench/common.py")
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": [line[3:] for line in status.splitlines()] if status else ([] if status == "" else None)}
+
+
+def last_commit(path: str) -> str | None:
+    """The last commit that changed `path`, or None outside a git checkout."""
+    return git("log", "-1", "--format=%h", "--", str(Path(path).resolve())) or None
 
 
 def main() -> None:
@@ -427,6 +471,8 @@ def main() -> None:
     parser.add_argument("--skip-prompt", action="store_true")
     parser.add_argument("--keep-data-from", default=None,
                         help="with --skip-data: take the data-wise part from this earlier results JSON")
+    parser.add_argument("--keep-prompt-from", default=None,
+                        help="with --skip-prompt: take the prompt-wise part (and its settings) from this earlier results JSON")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench/results/worst_case.json")
     parser.add_argument("--render", action="store_true",
@@ -441,10 +487,16 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    code = code_version()
     data = {"skipped": "--skip-data"}
     if args.skip_data and args.keep_data_from:
         earlier = json.loads(Path(args.keep_data_from).read_text())
-        data = earlier["data"] | {"kept_from": args.keep_data_from, "wall_seconds_of_that_run": earlier["wall_seconds"]}
+        data = earlier["data"] if "kept_from" in earlier["data"] else earlier["data"] | {  # kept twice: the first source
+            "kept_from": args.keep_data_from, "kept_from_commit": last_commit(args.keep_data_from),
+            "wall_seconds_of_that_run": earlier["wall_seconds"]}
+    kept_prompt = None
+    if args.skip_prompt and args.keep_prompt_from:  # read now: --out may be the same file
+        kept_prompt = json.loads(Path(args.keep_prompt_from).read_text())
     if not args.skip_data:
         regimes = []
         for noise in args.label_noise:
@@ -452,14 +504,21 @@ def main() -> None:
             regimes.append({"label_noise": noise, "per_seed": seeds, "summary": summarise_data(seeds, args.variants),
                             "original_TA": mean_std([s["original_TA"] for s in seeds])})
         data = {"regimes": regimes, "sweep": noise_sweep(regimes, args)}
-    prompt = {"skipped": "--skip-prompt"} if args.skip_prompt else prompt_part(args)
+    if kept_prompt is not None:
+        prompt = kept_prompt["prompt"] if "kept_from" in kept_prompt["prompt"] else kept_prompt["prompt"] | {
+            "kept_from": args.keep_prompt_from, "kept_from_commit": last_commit(args.keep_prompt_from),
+            "wall_seconds_of_that_run": kept_prompt["wall_seconds"], "machine_of_that_run": kept_prompt["machine"]}
+        for key in PROMPT_SETTINGS:  # the kept part's own settings, not this command's defaults
+            setattr(args, key, kept_prompt[key])
+    else:
+        prompt = {"skipped": "--skip-prompt"} if args.skip_prompt else prompt_part(args)
     result = {
         "seeds": list(range(args.seeds)), "fraction": args.fraction, "epochs": args.epochs, "outer_steps": args.outer_steps,
         "prompt_size": args.prompt_size, "prompt_steps": args.prompt_steps, "prompt_lr": args.prompt_lr, "beta": args.beta,
         "mask_ratio": args.mask_ratio, "eval_images": args.eval_images, "prompt_outer_steps": args.prompt_outer_steps,
         "prompt_inner_steps": args.prompt_inner_steps, "images_per_prompt": args.images_per_prompt,
         "data": data, "prompt": prompt, "wall_seconds": time.perf_counter() - start,
-        "machine": machine(args.threads),
+        "machine": machine(args.threads), "code": code,
     }
     save_results(result, args.out, markdown(result))
     print(markdown(result))

@@ -1,0 +1,83 @@
+"""Every table of figures in the README names the results file it comes from.
+
+A table "of figures" is one with a number in a body cell (code spans aside; "SD 1.x" and "32x32"
+are not numbers). Its section is the nearest heading above it and the text between that heading
+and the table; that text must name a file that exists: one under bench/results/ or the committed
+build record of the embedded model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+BUILD_RECORD = "erase/assets/digits-sd/digits_training.json"
+
+NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?![\w]|\.\w)")
+CODE_SPAN = re.compile(r"`[^`]*`")
+RESULTS_FILE = re.compile(r"bench/results/[\w\-]+(?:\.\w+)*\.(?:json|md)\b")
+RESULTS_PAIR = re.compile(r"bench/results/([\w\-]+(?:\.\w+)*)\.\{json,md\}")
+
+
+def tables(text: str) -> list[dict]:
+    """Each Markdown table outside code fences: its line number, body cells and the section text above it."""
+    found, heading, section, fenced, lines = [], "", [], False, text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if fenced or not line.startswith("|"):
+            if not fenced and line.startswith("#"):
+                heading, section = line, []
+            else:
+                section.append(line)
+            i += 1
+            continue
+        start = i
+        while i < len(lines) and lines[i].startswith("|"):
+            i += 1
+        rows = lines[start:i]
+        if len(rows) >= 2 and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].strip()):
+            cells = [c.strip() for row in rows[2:] for c in row.strip().strip("|").split("|")]
+            found.append({"line": start + 1, "cells": cells, "section": "\n".join([heading, *section])})
+        section.append("\n".join(rows))
+    return found
+
+
+def has_figures(cells: list[str]) -> bool:
+    return any(NUMBER.search(CODE_SPAN.sub("", cell)) for cell in cells)
+
+
+def named_files(section: str) -> list[str]:
+    names = RESULTS_FILE.findall(section) + re.findall(re.escape(BUILD_RECORD), section)
+    for stem in RESULTS_PAIR.findall(section):
+        names += [f"bench/results/{stem}.json", f"bench/results/{stem}.md"]
+    return names
+
+
+def test_rule_on_examples():
+    assert has_figures(["seven", "0.0 ± 0.0"]) and has_figures(["4/5"]) and has_figures(["859,520,964"])
+    assert not has_figures(["`erase/sd.py`", "one structure for SD 1.x, 2.x and SDXL", "SD-1.x", "32x32"])
+    sample = "## A\n\ntext `bench/results/a.md`\n\n| x | y |\n|---|---|\n| a | 1 |\n\n## B\n\n| p | q |\n|---|---|\n| `f1.py` | what |\n"
+    found = tables(sample)
+    assert [t["line"] for t in found] == [5, 11]
+    assert named_files(found[0]["section"]) == ["bench/results/a.md"] and has_figures(found[0]["cells"])
+    assert not has_figures(found[1]["cells"])
+    assert named_files("see `bench/results/sd_gpu.{json,md}`") == ["bench/results/sd_gpu.json", "bench/results/sd_gpu.md"]
+
+
+def test_every_table_of_figures_names_its_results_file():
+    found = tables(README.read_text())
+    assert any(has_figures(t["cells"]) for t in found), "no table of figures found: the parser is broken"
+    missing = []
+    for table in found:
+        if not has_figures(table["cells"]):
+            continue
+        existing = [name for name in named_files(table["section"]) if (ROOT / name).is_file()]
+        if not existing:
+            heading = table["section"].splitlines()[0] if table["section"] else "(no heading)"
+            missing.append(f"README.md:{table['line']} under {heading!r}")
+    assert not missing, "tables of figures whose section names no existing results file:\n" + "\n".join(missing)
