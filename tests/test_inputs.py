@@ -44,7 +44,7 @@ def eval_main(argv):
 
 
 def classifier_main(argv):
-    from erase.classifier import main
+    from erase.classifier.__main__ import main
 
     return main(argv)
 

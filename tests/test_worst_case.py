@@ -180,7 +180,7 @@ def test_class_target_selects_whole_classes(digits, original) -> None:
 
 
 def test_cli_writes_a_valid_indices_file_for_the_classifier(tmp_path, digits) -> None:
-    from erase.classifier import main as classifier_main
+    from erase.classifier.__main__ import main as classifier_main
 
     torch.set_num_threads(1)
     out, report = tmp_path / "forget.json", tmp_path / "report.json"
