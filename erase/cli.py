@@ -35,7 +35,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, alias
     """One `--dashed-name` option per field of the dataclass `cls` (its underscore spelling is an
     alias, as in diffusers' scripts), with the field's `help`. `bool` fields are flags,
     `list[str]` fields repeat (`--x a --x b`), `T | None` fields take a T. With `suppress`, options
-    not given are absent from the result (so a caller can layer defaults)."""
+    not given are absent from the result (so a caller can layer defaults), and a `bool` also has its
+    `--no-` form."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -46,8 +47,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, alias
         else:
             kwargs["default"] = argparse.SUPPRESS
         kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(*names, action="store_true", **kwargs)
+        if kind == "bool":  # layered defaults (suppress) can be turned off again: --no-NAME
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction if suppress else "store_true", **kwargs)
         elif kind == "list[str]":
             parser.add_argument(*names, action="append", **kwargs)
         else:
