@@ -22,6 +22,7 @@ __all__ = [
     "check_writable",
     "default_device",
     "one_line_errors",
+    "options_from",
     "quiet_libraries",
     "run_command",
     "versions",
@@ -33,26 +34,42 @@ _TYPES = {"int": int, "float": float, "str": str}
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, aliases: Mapping[str, Iterable[str]] = {},
                             skip: Iterable[str] = (), suppress: bool = False) -> None:
     """One `--dashed-name` option per field of the dataclass `cls` (its underscore spelling is an
-    alias, as in diffusers' scripts), with the field's `help`. `bool` fields are flags,
-    `list[str]` fields repeat (`--x a --x b`), `T | None` fields take a T. With `suppress`, options
-    not given are absent from the result (so a caller can layer defaults), and a `bool` also has its
-    `--no-` form."""
+    alias, as in diffusers' scripts), with the field's `help` and `choices` metadata. A field with no
+    default is required (`positional` metadata: an argument without a dash); `bool` fields are flags,
+    `list[str]` fields repeat (`--x a --x b`), `T | None` fields take a T; fields with `cli: False`
+    metadata are left out. With `suppress`, options not given are absent from the result (so a
+    caller can layer defaults), and a `bool` also has its `--no-` form."""
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = list(f.metadata["choices"])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kind = str(f.type)
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=_TYPES.get(kind, str), **kwargs)
             continue
         names = list(dict.fromkeys([*aliases.get(f.name, ()), "--" + f.name.replace("_", "-"), "--" + f.name]))
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help")}
-        if not suppress:
+        kwargs["dest"] = f.name
+        if required:
+            kwargs["required"] = True
+        elif not suppress:
             kwargs["default"] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         else:
             kwargs["default"] = argparse.SUPPRESS
-        kind = str(f.type)
         if kind == "bool":  # layered defaults (suppress) can be turned off again: --no-NAME
             parser.add_argument(*names, action=argparse.BooleanOptionalAction if suppress else "store_true", **kwargs)
         elif kind == "list[str]":
             parser.add_argument(*names, action="append", **kwargs)
         else:
             parser.add_argument(*names, type=_TYPES.get(kind.removesuffix(" | None"), str), **kwargs)
+
+
+def options_from(cls: type[T], namespace: argparse.Namespace | Mapping[str, Any]) -> T:
+    """An instance of the dataclass `cls` from the parsed options that name its fields (its checks run)."""
+    values = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from erase.atomic import replace_dir
 from erase.cli import check_model
 from erase.conditioning import Conditioning
+from erase.defaults import SD_GUIDANCE, SD_STEPS
 
 logger = logging.getLogger(__name__)
 _DIFFUSERS_VERSION = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
@@ -51,7 +52,6 @@ SD_V1_UNET_CONFIG = dict(
 __all__ = ["FAMILIES", "encode_images", "encode_prompts", "frozen_parts", "generate", "image_set", "is_sdxl", "load_pipeline",
            "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
 
-SD_STEPS, SD_GUIDANCE = 50, 7.5  # Stable Diffusion's sampler defaults (the diffusers pipeline's)
 
 
 def resolve_model(name_or_path: str) -> str:

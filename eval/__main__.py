@@ -20,21 +20,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 
 import torch
 
-from erase.cli import (
-    BadInput,
-    add_dataclass_arguments,
-    check_model,
-    check_positive,
-    check_launch,
-    check_writable,
-    one_line_errors,
-    quiet_libraries,
-    run_command,
-)
+from erase.cli import BadInput, add_dataclass_arguments, check_launch, one_line_errors, options_from, quiet_libraries, run_command
 from erase.digits import is_digits_model
+from eval.options import COMMAND_OPTIONS, AttackCommand, check_inputs
 
 logger = logging.getLogger("eval")
 
@@ -199,13 +191,10 @@ ATTACK_OWN_OPTIONS = ("attack", "num_inference_steps")
 
 def attack_options(args, steps: int, concept):
     """AttackOptions from the defaults, the --preset and the options given (their range checks run here)."""
-    from dataclasses import fields
-
     from eval.attack import AttackOptions
     from eval.judges import judge_kind
 
-    given = {f.name: getattr(args, f.name) for f in fields(AttackOptions) if hasattr(args, f.name)}
-    return AttackOptions.from_preset(given | {"attack": args.attack, "num_inference_steps": steps},
+    return AttackOptions.from_preset(args.given | {"attack": args.attack, "num_inference_steps": steps},
                                      judge=judge_kind(concept), concept_name=concept.name)
 
 
@@ -257,109 +246,31 @@ COMMANDS = {"classes": run_classes, "nudity": run_nudity, "fid": run_fid, "compa
 # ----------------------------------------------------------------------------- arguments
 
 
-def _sampling_args(p: argparse.ArgumentParser, images_per_prompt: int) -> None:
-    p.add_argument("--images-per-prompt", type=int, default=images_per_prompt, help="images generated per prompt")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 for digits, else 50)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (default: a CSV row's own, else 5 for digits, 7.5 otherwise)")
-    p.add_argument("--seed", type=int, default=0, help="first seed of prompts without their own seed")
-    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("classes", help="per-class accuracy of generated images")
-    p.add_argument("--model", required=True, help="digits, a pipeline folder or a hub id")
-    p.add_argument("--classifier", choices=["digits", "imagenette"], default="digits")
-    p.add_argument("--classifier-model", default="microsoft/resnet-50", help="ImageNet classifier (imagenette)")
-    p.add_argument("--out", required=True, help="JSON report to write")
-    _sampling_args(p, 10)
-
-    p = sub.add_parser("nudity", help="NudeNet counts on I2P prompts (or on an image folder)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="digits, a pipeline folder or a hub id")
-    source.add_argument("--images", help="score this folder of images instead of generating")
-    p.add_argument("--prompts", default="AIML-TUDA/i2p", help="I2P-format CSV (or the hub id, when online)")
-    p.add_argument("--category", default=None, help="only I2P rows of this category (e.g. sexual)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    p.add_argument("--save-images", default=None, help="also write the generated images to this folder")
-    p.add_argument("--out", required=True, help="JSON report to write")
-    _sampling_args(p, 1)
-
-    p = sub.add_parser("fid", help="FID against a reference folder or the original model")
-    p.add_argument("--model", required=True, help="digits, a pipeline folder or a hub id")
-    reference = p.add_mutually_exclusive_group(required=True)
-    reference.add_argument("--reference", help="folder of reference images")
-    reference.add_argument("--reference-model", help="render the same prompts and seeds with this model")
-    p.add_argument("--prompts", default=None, help="CSV or text file (default for digits: every digit/colour)")
-    p.add_argument("--features", choices=["inception", "digits"], default=None,
-                   help="feature extractor (default: digits for the digits model, else inception)")
-    p.add_argument("--out", required=True, help="JSON report to write")
-    _sampling_args(p, 4)
-
-    p = sub.add_parser("compare", help="before/after report of two models: JSON, Markdown, PNG grid")
-    p.add_argument("original", help="the original model (digits, folder or hub id)")
-    p.add_argument("erased", help="the erased model")
-    p.add_argument("--prompts", default=None, help="CSV or text file (default for digits: the class prompts)")
-    p.add_argument("--metrics", default=None, help="comma-separated: classes,nudity,fid")
-    p.add_argument("--classifier", choices=["digits", "imagenette"], default=None)
-    p.add_argument("--classifier-model", default="microsoft/resnet-50")
-    p.add_argument("--features", choices=["inception", "digits"], default=None)
-    p.add_argument("--grid-prompts", type=int, default=10, help="prompts shown in the image grid")
-    p.add_argument("--out", required=True, help="output folder")
-    _sampling_args(p, 4)
-
-    p = sub.add_parser("attack", help="attack an erased model (UnlearnDiffAtk, concept inversion): success rate")
-    p.add_argument("--model", required=True, help="the ERASED model (folder or hub id)")
-    p.add_argument("--original", required=True, help="the ORIGINAL model, which draws the target images")
-    p.add_argument("--attack", required=True, choices=["unlearndiffatk", "inversion"])
-    p.add_argument("--concept", default=None,
-                   help="concept name (default: the one the erased model's erase_config.json names); picks the judge")
-    p.add_argument("--prompts", default=None, help="CSV or text file (default: the concept's forget + eval prompts)")
-    p.add_argument("--category", default=None, help="only I2P rows of this category (e.g. sexual)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+def parse_args(argv: Sequence[str] | None = None) -> tuple[str, object]:
+    """(command, its options): every subcommand's options come from its dataclass in eval.options."""
     from eval.attack import AttackOptions
 
-    add_dataclass_arguments(p, AttackOptions, skip=ATTACK_OWN_OPTIONS, suppress=True)  # absent unless given: --preset fills them
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 for digits, else 50)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (default: a CSV row's own, else 5 for digits, 7.5 otherwise)")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--classifier-model", default=None, help="ImageNet classifier for object concepts")
-    p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in the image grid (FILE.png)")
-    p.add_argument("--out", required=True, help="JSON report to write (FILE.md and FILE.png beside it)")
-    one_line_errors(parser)
-    for p in sub.choices.values():
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls in COMMAND_OPTIONS.items():
+        p = sub.add_parser(name, help=cls.__doc__)
+        add_dataclass_arguments(p, cls)
+        if cls is AttackCommand:  # the attack's own settings, absent unless given: --preset fills them
+            add_dataclass_arguments(p, AttackOptions, skip=ATTACK_OWN_OPTIONS, suppress=True)
         one_line_errors(p)
-    return parser.parse_args(argv)
+    one_line_errors(parser)
+    namespace = parser.parse_args(argv)
+    values = vars(namespace)
+    if namespace.command == "attack":
+        values["given"] = {f.name: values[f.name] for f in fields(AttackOptions) if f.name in values}
+    return namespace.command, options_from(COMMAND_OPTIONS[namespace.command], values)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(command: str, opts) -> None:
     """Every input of the command, before a model is loaded or an image generated."""
-    check_positive(images_per_prompt=getattr(args, "images_per_prompt", None), batch_size=getattr(args, "batch_size", None),
-                   steps=args.steps, resolution=args.resolution, limit=getattr(args, "limit", None),
-                   grid_prompts=getattr(args, "grid_prompts", None))
-    if args.guidance is not None and args.guidance < 0:
-        raise ValueError(f"guidance must be >= 0, got {args.guidance}")
-    for what in ("model", "reference_model", "original", "erased"):
-        if getattr(args, what, None):
-            check_model(getattr(args, what), what.replace("_", " "))
-    for what in ("images", "reference"):
-        if getattr(args, what, None) and not os.path.isdir(getattr(args, what)):
-            raise ValueError(f"image folder not found: {getattr(args, what)}")
-    prompts = getattr(args, "prompts", None)
-    if prompts and prompts.endswith((".csv", ".txt")) and not getattr(args, "images", None) and not os.path.isfile(prompts):
-        raise ValueError(f"prompts file not found: {prompts}")
-    if args.command == "attack":
-        attack_options(args, args.steps or 1, attack_concept(args))  # its own range checks; the concept has a judge
-    check_writable(args.out, "report", folder=args.command == "compare")
-    if getattr(args, "save_images", None):
-        check_writable(args.save_images, "image", folder=True)
+    check_inputs(opts)
+    if command == "attack":
+        attack_options(opts, opts.steps or 1, attack_concept(opts))  # its own range checks; the concept has a judge
 
 
 def _headline(command: str, report: dict) -> str:
@@ -379,17 +290,17 @@ def _headline(command: str, report: dict) -> str:
     return "report.json, report.md and grid.png written"
 
 
-def check(argv: Sequence[str] | None) -> argparse.Namespace:
-    args = parse_args(argv)
-    check_args(args)
-    return args
+def check(argv: Sequence[str] | None) -> tuple[str, object]:
+    command, opts = parse_args(argv)
+    check_args(command, opts)
+    return command, opts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(lambda: check(argv), run)
+    return run_command(lambda: check(argv), lambda checked: run(*checked))
 
 
-def run(args: argparse.Namespace) -> None:
+def run(command: str, args) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     quiet_libraries()
@@ -401,17 +312,17 @@ def run(args: argparse.Namespace) -> None:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     check_launch(state.num_processes)
     start = time.time()
-    report = COMMANDS[args.command](args, state)
+    report = COMMANDS[command](args, state)
     report |= {"num_processes": state.num_processes, "wall_seconds": round(time.time() - start, 1)}
     if state.is_main_process:
-        if args.command == "attack":
+        if command == "attack":
             write_attack(report, args.out)
-        elif args.command != "compare":
+        elif command != "compare":
             from erase.atomic import write_json
             from erase.cli import versions
 
             write_json(report | {"versions": versions()}, args.out)
-        print(f"{args.command}: {_headline(args.command, report)} -> {args.out}")
+        print(f"{command}: {_headline(command, report)} -> {args.out}")
     state.wait_for_everyone()
     if state.num_processes > 1:
         state.destroy_process_group()

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torchmetrics import Metric
 
+from erase.defaults import RESNET_ID
 from eval.generate import Generated, Sample
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ IMAGENETTE_CLASSES = {
     "French horn": 566, "garbage truck": 569, "gas pump": 571, "golf ball": 574, "parachute": 701,
 }
 IMAGENETTE_TEMPLATE = "an image of {name}"  # the forget prompts of prompts/imagenette.yaml (SalUn)
-RESNET_ID = "microsoft/resnet-50"
 
 
 # ----------------------------------------------------------------------------- the formula

@@ -68,7 +68,8 @@ def judge_for(concept, device: str | torch.device = "cpu", classifier_model: str
     kind = judge_kind(concept)
     if kind == "nudenet":
         return _nudity_judge()
-    from eval.classes import RESNET_ID, load_task
+    from erase.defaults import RESNET_ID
+    from eval.classes import load_task
 
     task = load_task("digits" if kind == "digits" else "imagenette", device=device,
                      classifier_model=classifier_model or RESNET_ID)

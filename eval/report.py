@@ -22,6 +22,7 @@ from PIL import Image
 
 from erase.atomic import replace_dir, write_json
 from erase.cli import versions
+from erase.defaults import RESNET_ID
 from eval import classes, fid, nudity
 from eval.generate import Generated, Sample, generate_samples
 
@@ -61,7 +62,7 @@ class CompareOptions:
     erased: str
     metrics: tuple[str, ...] = ("classes", "fid")
     classifier: str = "digits"
-    classifier_model: str = "microsoft/resnet-50"
+    classifier_model: str = RESNET_ID
     prompts: str | None = None
     images_per_prompt: int = 4
     num_inference_steps: int = 25

@@ -7,14 +7,14 @@ import json
 import logging
 from pathlib import Path
 
+from erase.defaults import DIGITS_GUIDANCE, DIGITS_STEPS
 from erase.digits import paths
 from erase.digits.paths import cache_dir
 
 logger = logging.getLogger("erase.digits")
 
 MODEL_NAME = "digits"
-DEFAULT_STEPS = 25  # DDIM steps
-DEFAULT_GUIDANCE = 5.0  # classifier-free guidance scale
+DEFAULT_STEPS, DEFAULT_GUIDANCE = DIGITS_STEPS, DIGITS_GUIDANCE
 
 
 def is_digits_model(name_or_path: str, _depth: int = 0) -> bool:
