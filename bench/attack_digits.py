@@ -33,8 +33,8 @@ from eval.attack import AttackOptions, run_attack
 from eval.judges import judge_for
 from eval.generate import Sample
 
-from common import machine, save_results  # bench/common.py (the scripts run from bench/)
-from erase_digits import erase_once, grid_arguments, mean_std  # the same erasures as bench/erase_digits.py
+from common import machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
+from erase_digits import erase_once, grid_arguments  # the same erasures as bench/erase_digits.py
 
 
 def attack_both(model: str, concept_name: str, args) -> dict:
@@ -67,7 +67,7 @@ def attack_both(model: str, concept_name: str, args) -> dict:
 def cell(values: list[float | None], scale: float = 100.0) -> str:
     """mean ± std of the measured values (rates in %), or – where none was measured."""
     values = [v * scale for v in values if v is not None]
-    return mean_std(values) if values else "–"
+    return mean_std_text(values) if values else "–"
 
 
 def markdown(result: dict) -> str:

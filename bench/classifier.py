@@ -12,15 +12,13 @@ scenario, class-wise forgetting (`class:3`), runs beside it by default.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import torch
 
 from erase.classifier import UnlearnConfig, evaluate, load_dataset, parse_forget, train_original, unlearn
 
-from common import machine, save_results  # bench/common.py (the scripts run from bench/)
+from common import METRICS, gap, machine, mean_std, save_results  # bench/common.py (the scripts run from bench/)
 
-METRICS = ("UA", "RA", "TA", "MIA")
 METHODS = ("ft", "ga", "rl", "l1-sparse", "salun")
 LR_GRID = {
     "ft": [0.01, 0.03, 0.1, 0.2],
@@ -29,10 +27,6 @@ LR_GRID = {
     "rl": [5e-4, 1e-3, 2e-3, 5e-3, 0.01],
     "salun": [5e-4, 1e-3, 2e-3, 5e-3, 0.01],
 }
-
-
-def gap(metrics: dict[str, float], retrain: dict[str, float]) -> float:
-    return sum(abs(metrics[k] - retrain[k]) for k in METRICS) / len(METRICS)
 
 
 def setup(seed: int, forget: str, args):
@@ -57,10 +51,6 @@ def run_method(method: str, lr: float, seed: int, forget: str, ctx, args) -> dic
     seconds = time.perf_counter() - start
     metrics = evaluate(model, data, forget_idx)
     return {"metrics": metrics, "gap": gap(metrics, retrain["metrics"]), "seconds": seconds}
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -29,7 +29,7 @@ from eval.classes import digits_task, evaluate_classes
 from eval.generate import Sample
 from erase.sd import generate, load_pipeline
 
-from common import machine, save_results  # bench/common.py (the scripts run from bench/)
+from common import machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("salun", "rl", "esd-x", "esd-u")
@@ -93,11 +93,6 @@ def erase_once(concept: str, method: str, seed: int, out: str, args) -> float:
     return time.perf_counter() - start
 
 
-def mean_std(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
-
-
 def markdown(result: dict) -> str:
     lines = [
         "# Erasing from the embedded digits model",
@@ -114,11 +109,11 @@ def markdown(result: dict) -> str:
         runs = row["runs"]
         if not runs:
             continue
-        pct = lambda key: mean_std([100 * r[key] for r in runs])  # noqa: E731
+        pct = lambda key: mean_std_text([100 * r[key] for r in runs])  # noqa: E731
         lines.append(
             f"| {row['concept']} | {row['method']} | {pct('template_rate_before')} → {pct('template_rate_after')} | "
             f"{pct('paraphrase_rate_before')} → {pct('paraphrase_rate_after')} | {pct('others_accuracy_before')} → "
-            f"{pct('others_accuracy_after')} ({mean_std([r['others_drop_points'] for r in runs])}) | {mean_std([r['seconds'] for r in runs])} |"
+            f"{pct('others_accuracy_after')} ({mean_std_text([r['others_drop_points'] for r in runs])}) | {mean_std_text([r['seconds'] for r in runs])} |"
         )
     lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"

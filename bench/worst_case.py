@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -43,18 +42,13 @@ import torch.nn.functional as F
 from erase.classifier import UnlearnConfig, accuracy, evaluate, load_dataset, parse_forget, train_original, unlearn
 from erase.worst_case import WorstCaseConfig, build_prompt_problem, classifier_problem, digits_candidates, random_start, resolve_size, search
 
-from common import machine, save_results  # bench/common.py (the scripts run from bench/)
+from common import METRICS, gap, machine, mean_std, save_results  # bench/common.py (the scripts run from bench/)
 
-METRICS = ("UA", "RA", "TA", "MIA")
 DATA_METHODS = ("ft", "rl", "salun")
 EQUAL_RA = 0.5  # points
 
 
 # ----------------------------------------------------------------------------- data-wise
-
-
-def gap(metrics: dict[str, float], retrain: dict[str, float]) -> float:
-    return sum(abs(metrics[k] - retrain[k]) for k in METRICS) / len(METRICS)
 
 
 @torch.no_grad()
@@ -118,10 +112,6 @@ def data_seed(seed: int, label_noise: float, args) -> dict:
         print(f"  noise {label_noise:g} seed {seed} {variant}: UA random {runs['random']['metrics']['UA']:.2f} worst {runs['worst']['metrics']['UA']:.2f}, "
               f"search {result.seconds:.1f} s", flush=True)
     return out
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def harder(random: dict, worst: dict) -> dict[str, bool]:
