@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 
 from erase.concepts import available_concepts, load_concept  # noqa: E402
 from erase.digits import is_digits_model  # noqa: E402
-from erase.cli import check_model, default_device, one_line_errors, quiet_libraries, run_command  # noqa: E402
+from erase.command import check_model, default_device, one_line_errors, quiet_libraries, run_command  # noqa: E402
 from erase.sd import generate, load_pipeline, sampler_defaults  # noqa: E402
 
 DEMO_ERASED = Path(__file__).resolve().parent / "demo" / "seven-erased"

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from erase.cli import versions  # noqa: E402
+from erase.command import versions  # noqa: E402
 from erase.digits import (  # noqa: E402
     COLOURS,
     DEFAULT_GUIDANCE,

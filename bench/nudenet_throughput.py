@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from eval.nudity import count_exposed, protocol, to_bgr  # noqa: E402
 from erase.atomic import write_json  # noqa: E402
-from erase.cli import versions  # noqa: E402
+from erase.command import versions  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")
 

@@ -261,7 +261,7 @@ def prompt_seed(seed: int, pipe, classifier, args) -> dict:
 def prompt_part(args) -> dict:
     from erase.digits import MODEL_DIR, load_digits_classifier
     from erase.sd import load_pipeline
-    from erase.cli import quiet_libraries
+    from erase.command import quiet_libraries
 
     model = Path(args.model or MODEL_DIR)
     if not (model / "model_index.json").is_file():

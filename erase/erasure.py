@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from erase.cli import check_positive, check_prompts, check_writable
+from erase.command import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept
 from erase.conditioning import Conditioning
 from erase.objectives import esd_loss, noised, saliency_loss, salun_loss, step_generator

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from erase.atomic import replace_path
-from erase.cli import BadInput
+from erase.command import BadInput
 
 logger = logging.getLogger(__name__)
 

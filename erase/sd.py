@@ -28,9 +28,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from erase.atomic import replace_dir
-from erase.cli import check_model
+from erase.command import check_model
 from erase.conditioning import Conditioning
 from erase.defaults import SD_GUIDANCE, SD_STEPS
+from erase.digits.locate import resolve_model  # `digits` -> its folder; anything else unchanged
 
 logger = logging.getLogger(__name__)
 _DIFFUSERS_VERSION = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
@@ -52,15 +53,6 @@ SD_V1_UNET_CONFIG = dict(
 __all__ = ["FAMILIES", "encode_images", "encode_prompts", "frozen_parts", "generate", "image_set", "is_sdxl", "load_pipeline",
            "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
 
-
-
-def resolve_model(name_or_path: str) -> str:
-    """`digits` -> the embedded model's folder; anything else (hub id, local path) unchanged."""
-    if name_or_path == "digits":
-        from erase.digits import resolve_model as resolve_digits
-
-        return resolve_digits("digits")
-    return name_or_path
 
 
 def sampler_defaults(name_or_path: str) -> tuple[int, float]:

@@ -34,7 +34,7 @@ from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from erase.atomic import replace_dir, shared_output_dir, write_json  # noqa: E402
-from erase.cli import (  # noqa: E402
+from erase.command import (  # noqa: E402
     BadInput,
     add_dataclass_arguments,
     check_launch,

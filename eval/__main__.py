@@ -24,7 +24,7 @@ from dataclasses import fields
 
 import torch
 
-from erase.cli import BadInput, add_dataclass_arguments, check_launch, one_line_errors, options_from, quiet_libraries, run_command
+from erase.command import BadInput, add_dataclass_arguments, check_launch, one_line_errors, options_from, quiet_libraries, run_command
 from erase.digits import is_digits_model
 from eval.options import COMMAND_OPTIONS, AttackCommand, check_inputs
 
@@ -33,7 +33,7 @@ logger = logging.getLogger("eval")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def sampler_defaults(model: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
+def steps_and_guidance(model: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
     """Steps and guidance: as given, else the model's (erase.sd.sampler_defaults)."""
     from erase.sd import sampler_defaults as defaults
 
@@ -48,7 +48,7 @@ def run_classes(args, state) -> dict:
     from erase.sd import load_pipeline, resolve_model
     from eval.classes import class_samples, evaluate_classes, load_task
 
-    steps, guidance = sampler_defaults(args.model, args.steps, args.guidance)
+    steps, guidance = steps_and_guidance(args.model, args.steps, args.guidance)
     pipe = load_pipeline(args.model, device=state.device, dtype=DTYPES[args.dtype])
     task = load_task(args.classifier, device=state.device, classifier_model=args.classifier_model)
     samples = class_samples(task, args.images_per_prompt, guidance, args.seed)
@@ -80,7 +80,7 @@ def _nudity_generated(args, state, detector) -> dict:
     from erase.sd import load_pipeline, resolve_model
     from eval.nudity import evaluate_nudity, load_prompt_rows, prompt_samples, protocol
 
-    steps, default_guidance = sampler_defaults(args.model, args.steps, None)
+    steps, default_guidance = steps_and_guidance(args.model, args.steps, None)
     rows, source = load_prompt_rows(args.prompts, args.category, args.limit)
     samples = prompt_samples(rows, args.images_per_prompt, args.guidance, args.seed, default_guidance)
     pipe = load_pipeline(args.model, device=state.device, dtype=DTYPES[args.dtype])
@@ -103,7 +103,7 @@ def run_fid(args, state) -> dict:
     features = args.features or ("digits" if is_digits_model(args.model) else "inception")
     metric, feature_name = make_fid(features, device=state.device)  # fails early when the extra is missing
     reference_paths = image_paths(args.reference) if args.reference else None
-    steps, guidance = sampler_defaults(args.model, args.steps, args.guidance)
+    steps, guidance = steps_and_guidance(args.model, args.steps, args.guidance)
     samples, prompts_source = _fid_samples(args, guidance)
     pipe = load_pipeline(args.model, device=state.device, dtype=DTYPES[args.dtype])
     reference_pipe = None if args.reference else load_pipeline(args.reference_model, device=state.device,
@@ -140,7 +140,7 @@ def run_compare(args, state) -> dict:
     from eval.report import CompareOptions, compare
 
     digits_like = is_digits_model(args.original)
-    steps, guidance = sampler_defaults(args.original, args.steps, None)
+    steps, guidance = steps_and_guidance(args.original, args.steps, None)
     classifier = args.classifier or ("digits" if digits_like else None)
     metrics = args.metrics.split(",") if args.metrics else (["classes", "fid"] if classifier else ["nudity", "fid"])
     opts = CompareOptions(
@@ -203,7 +203,7 @@ def run_attack(args, state) -> dict:
     from eval.judges import judge_for
     from eval.attack import run_attack as attack
 
-    steps, guidance = sampler_defaults(args.original, args.steps, None)
+    steps, guidance = steps_and_guidance(args.original, args.steps, None)
     concept = attack_concept(args)
     opts = attack_options(args, steps, concept)
     samples, source = attack_samples(args, concept, guidance, opts.seed)
@@ -224,7 +224,7 @@ def write_attack(report: dict, out: str) -> None:
     from pathlib import Path
 
     from erase.atomic import replace_path, write_json
-    from erase.cli import versions
+    from erase.command import versions
     from eval.attack_report import attack_grid, attack_markdown, inversion_state_dict
 
     grid = attack_grid(report, max_prompts=len(report["images"]))
@@ -319,7 +319,7 @@ def run(command: str, args) -> None:
             write_attack(report, args.out)
         elif command != "compare":
             from erase.atomic import write_json
-            from erase.cli import versions
+            from erase.command import versions
 
             write_json(report | {"versions": versions()}, args.out)
         print(f"{command}: {_headline(command, report)} -> {args.out}")

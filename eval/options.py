@@ -1,5 +1,5 @@
 """What each `python -m eval` command takes: one dataclass per command, parsed by
-`erase.cli.add_dataclass_arguments`, checked in `__post_init__` (ranges) and in `check_inputs`
+`erase.command.add_dataclass_arguments`, checked in `__post_init__` (ranges) and in `check_inputs`
 (files and models, before any model is loaded). The sampling options are one block shared by the
 commands that generate, with help built from the one defaults table (`erase.digits`, `erase.sd`)."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from erase.cli import check_model, check_positive, check_writable
+from erase.command import check_model, check_positive, check_writable
 from erase.defaults import DIGITS_GUIDANCE as DEFAULT_GUIDANCE
 from erase.defaults import DIGITS_STEPS as DEFAULT_STEPS
 from erase.defaults import RESNET_ID, SD_GUIDANCE, SD_STEPS

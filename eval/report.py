@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from erase.atomic import replace_dir, write_json
-from erase.cli import versions
+from erase.command import versions
 from erase.defaults import RESNET_ID
 from eval import classes, fid, nudity
 from eval.generate import Generated, Sample, generate_samples
@@ -87,7 +87,7 @@ def compare(opts: CompareOptions, out_dir: str | os.PathLike, *, device="cpu", d
     """Generate the same samples with both models, score both, write report.json, report.md, grid.png.
     Both models are checked (found, and of a supported kind, from their model_index.json) before
     any image is generated; each is loaded only for its own turn."""
-    from erase.cli import check_model
+    from erase.command import check_model
     from erase.sd import load_pipeline, pipeline_class, resolve_model
 
     roles = (("original", opts.original), ("erased", opts.erased))

@@ -487,15 +487,15 @@ def test_digits_classes_cli_on_the_embedded_model(tmp_path, cli):
 
 def test_sampler_defaults_follow_the_model(tmp_path):
     from erase.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from eval.__main__ import sampler_defaults
+    from eval.__main__ import steps_and_guidance
 
     erased = tmp_path / "erased"  # a folder written by erase/train.py from the digits model
     erased.mkdir()
     (erased / "erase_config.json").write_text(json.dumps({"config": {"pretrained_model_name_or_path": "digits"}}))
-    assert sampler_defaults("digits", None, None) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
-    assert sampler_defaults(str(erased), None, None) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
-    assert sampler_defaults("CompVis/stable-diffusion-v1-4", None, None) == (50, 7.5)
-    assert sampler_defaults(str(erased), 3, 0.0) == (3, 0.0)
+    assert steps_and_guidance("digits", None, None) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    assert steps_and_guidance(str(erased), None, None) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    assert steps_and_guidance("CompVis/stable-diffusion-v1-4", None, None) == (50, 7.5)
+    assert steps_and_guidance(str(erased), 3, 0.0) == (3, 0.0)
 
 
 # ----------------------------------------------------------------------------- compare

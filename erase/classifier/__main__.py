@@ -8,7 +8,7 @@ import sys
 
 from erase.atomic import write_json
 from erase.classifier.methods import UnlearnConfig, run
-from erase.cli import add_dataclass_arguments, check_writable, one_line_errors, run_command
+from erase.command import add_dataclass_arguments, check_writable, one_line_errors, run_command
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from erase.classifier.data import DATASETS, Dataset, check_forget_spec, load_dat
 from erase.classifier.metrics import evaluate
 from erase.classifier.model import ResNet
 from erase.classifier.training import batches, train
-from erase.cli import check_positive
+from erase.command import check_positive
 from erase.saliency import check_ratio, compute_saliency_mask
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ The classifier never sees an image the generator was trained on, so it judges wh
 generator learned rather than what it memorised.
 
 Modules: ``prompts`` (words, template, paraphrases, tokenizer), ``data`` (splits, colouring),
-``build`` (training the pipeline), ``paths`` (assets, cache), ``model`` (``--model digits``), ``judge``
+``build`` (training the pipeline), ``paths`` (assets, cache), ``locate`` (``--model digits``: recognising it, its folder), ``judge``
 (the classifier), ``__main__`` (the command).
 
 ``python -m erase.digits --train --output-dir DIR`` rebuilds the pipeline from scratch;
@@ -45,7 +45,7 @@ from erase.digits.judge import (
     load_digits_classifier,
     train_classifier,
 )
-from erase.digits.model import (
+from erase.digits.locate import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     MODEL_NAME,

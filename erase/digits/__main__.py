@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from erase.cli import check_writable, one_line_errors, run_command
+from erase.command import check_writable, one_line_errors, run_command
 from erase.digits.build import DigitsTrainingOptions, train_pipeline
 from erase.digits.judge import ClassifierTrainingOptions, train_classifier
 from erase.digits.paths import CLASSIFIER_PATH, MODEL_DIR

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from erase.atomic import replace_path
-from erase.cli import versions
+from erase.command import versions
 from erase.digits.data import RESOLUTION, batches, coloured_split
 from erase.digits.paths import MODEL_DIR
 from erase.digits.prompts import (

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from erase.atomic import write_json
-from erase.cli import add_dataclass_arguments, check_writable, one_line_errors, run_command
+from erase.command import add_dataclass_arguments, check_writable, one_line_errors, run_command
 from erase.worst_case.classifier import run_classifier
 from erase.worst_case.config import WorstCaseConfig
 from erase.worst_case.prompt import run_prompt

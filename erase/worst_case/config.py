@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from erase.cli import check_model, check_positive, check_writable
+from erase.command import check_model, check_positive, check_writable
 from erase.saliency import check_ratio
 from erase.worst_case.solver import (
     OPTIMIZERS,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from erase.cli import quiet_libraries
+from erase.command import quiet_libraries
 from erase.conditioning import Conditioning, unet_kwargs
 from erase.objectives import (
     anchor_target,
