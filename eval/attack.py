@@ -139,6 +139,8 @@ class AttackOptions:
                 chosen["deciding_threshold"] = "unlearndiffatk_0.45"
         if name == "pham":
             chosen["inversion_init"] = concept_name
+            if judge == "digits":  # a mirrored digit is another shape (a mirrored 7 is no 7): no flips
+                chosen["inversion_flip"] = False
         opts = cls(**(chosen | given))
         if opts.deciding_threshold is not None and opts.deciding_threshold not in judge_thresholds(judge):
             raise ValueError(f"the {judge} judge has no threshold {opts.deciding_threshold!r}; "

@@ -348,10 +348,13 @@ def test_presets_follow_the_published_protocols():
     digit = AttackOptions.from_preset({"preset": "unlearndiffatk", "k": 4}, judge="digits", concept_name="seven")
     assert (digit.k, digit.deciding_threshold) == (4, None)  # given options win; objects would get k = 3
     assert AttackOptions.from_preset({"preset": "unlearndiffatk"}, judge="digits", concept_name="seven").k == 3
-    pham = AttackOptions.from_preset({"preset": "pham", "attack": "inversion"}, judge="digits", concept_name="seven")
+    pham = AttackOptions.from_preset({"preset": "pham", "attack": "inversion"}, judge="nudenet", concept_name="nudity")
     assert (pham.inversion_steps, pham.inversion_batch_size * pham.inversion_accumulation, pham.inversion_lr,
             pham.inversion_weight_decay, pham.inversion_init, pham.inversion_flip, pham.inversion_heldout) == (
-        5000, 16, 0.08, 1e-2, "seven", True, True)
+        5000, 16, 0.08, 1e-2, "nudity", True, True)
+    # digits are not mirror-symmetric: no flips for them, unless asked for
+    assert not AttackOptions.from_preset({"preset": "pham"}, judge="digits", concept_name="seven").inversion_flip
+    assert AttackOptions.from_preset({"preset": "pham", "inversion_flip": True}, judge="digits", concept_name="seven").inversion_flip
     plain = AttackOptions.from_preset({}, judge="nudenet", concept_name="nudity")
     assert plain == AttackOptions()
     with pytest.raises(ValueError, match="no threshold"):
