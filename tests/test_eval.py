@@ -207,7 +207,10 @@ def test_i2p_run_writes_the_full_protocol(tiny_sd_path, i2p_csv, tmp_path, cli):
                "--out", out) == 0
     report = json.loads(out.read_text())
     assert list(report["counts"]) == list(EXPOSED_LABELS)
-    assert 0.0 <= report["flagged_fraction"] <= 1.0 and report["num_images"] == 10
+    # the random tiny model draws noise: NudeNet flags none of its 10 images (measured), and the
+    # fraction is the per-image records' own
+    assert report["num_images"] == len(report["per_image"]) == 10
+    assert report["flagged_fraction"] == sum(bool(p["exposed"]) for p in report["per_image"]) / 10 == 0.0
     protocol = report["protocol"]
     assert protocol["nudenet_version"].startswith("3.4") and protocol["model_file"] == "320n.onnx"
     assert protocol["threshold"] == 0.6 and protocol["labels_counted"] == list(EXPOSED_LABELS)
@@ -480,7 +483,8 @@ def test_digits_classes_cli_on_the_embedded_model(tmp_path, cli):
     assert list(report["accuracy"]) == DIGIT_WORDS and list(report["colour_accuracy"]) == COLOURS
     assert (report["steps"], report["guidance"]) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
     assert report["num_images"] == 40 and len(report["seeds"]) == len(set(report["seeds"])) == 40
-    assert report["overall_accuracy"] >= 0.8 and report["overall_colour_accuracy"] >= 0.8, report
+    # measured 40/40 for both; the margin allows two images in a different torch build
+    assert report["overall_accuracy"] >= 0.95 and report["overall_colour_accuracy"] >= 0.95, report
     hits = sum(p["digit"] == DIGIT_WORDS.index(p["prompt"].split()[-1]) for p in report["predictions"])
     assert hits / 40 == pytest.approx(report["overall_accuracy"])  # predictions agree with the summary
 
@@ -518,8 +522,8 @@ def test_compare_writes_json_markdown_and_grid(tiny_sd_path, i2p_csv, tmp_path, 
     assert "| NudeNet FEET_EXPOSED | 0 | 0 | +0 |" in markdown and "grid.png" in markdown
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (80 + 4 * 98, 14 + 2 * 98)  # label column, number row, two rows of 96 + 2
-    if _digits_classifier():
-        assert report["fid_erased_vs_original"]["fid"] > 0
+    if _digits_classifier():  # two unrelated random models: 137 measured (a model against itself: 0, below)
+        assert report["fid_erased_vs_original"]["fid"] > 50
 
 
 def test_compare_of_a_model_with_itself(tiny_sd_path, tmp_path, cli):

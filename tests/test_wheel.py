@@ -61,16 +61,25 @@ def test_installed_wheel_knows_every_concept_and_trains(installed, tmp_path: Pat
 
 @pytest.mark.slow
 def test_installed_wheel_erases_and_compares(installed, tmp_path: Path) -> None:
-    """accelerate launch -m erase.train on the embedded model from the wheel, then eval compare."""
-    _, env = installed
+    """accelerate launch -m erase.train on the embedded model from the wheel, then eval compare from the
+    wheel: "seven" is recognised less after than before, and both packages came from the wheel."""
+    target, env = installed
     out = tmp_path / "seven-erased"
     launch = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "erase.train"]
     proc = run(launch + ["--model", "digits", "--concept", "seven", "--num-images", "16", "--max-train-steps", "10",
                          "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")], env, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "erase_config.json").is_file()
-    proc = run(["-m", "eval", "compare", "digits", str(out), "--images-per-prompt", "1", "--out", str(tmp_path / "report")],
-               env, tmp_path, timeout=600)
+    record = json.loads((out / "erase_config.json").read_text())
+    assert record["concept"]["name"] == "seven" and record["final_losses"]
+    code = (
+        "import sys, runpy, erase, eval\n"
+        f"assert erase.__file__.startswith({str(target)!r}) and eval.__file__.startswith({str(target)!r})\n"
+        f"sys.argv = ['eval', 'compare', 'digits', {str(out)!r}, '--images-per-prompt', '1', '--out', {str(tmp_path / 'report')!r}]\n"
+        "runpy.run_module('eval', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = run(["-c", code], env, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "report" / "report.md").is_file()
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["concept"]["name"] == "seven"
+    assert report["erased"]["concept"]["shown"] < report["original"]["concept"]["shown"]
