@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,10 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
-from browser import Browser, find_chromium  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
 SEVEN, THREE = "a red handwritten digit seven", "a red handwritten digit three"
+
+
+def find_chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def free_port() -> int:
@@ -164,15 +168,21 @@ def test_headless_chromium_renders_both_panels(erased_seven: Path, tmp_path: Pat
                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(f"http://127.0.0.1:{port}/")
-        with Browser(find_chromium()) as browser:
-            browser.open(f"http://127.0.0.1:{port}/")
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as playwright:  # Debian's chromium: no browser download
+            browser = playwright.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(f"http://127.0.0.1:{port}/")
             # the page generates the first prompt's images on opening: wait until both galleries show them
-            browser.wait_for("['original', 'erased'].every(id => document.querySelectorAll(`#${id} img`).length == 4)")
-            time.sleep(1)  # let the images paint
-            boxes = browser.evaluate("['original', 'erased'].map(id => { const r = document.getElementById(id)"
-                                     ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })")
-            png = browser.screenshot()
-            requests = browser.requests
+            page.wait_for_function("['original', 'erased'].every(id => document.querySelectorAll(`#${id} img`).length == 4)",
+                                   timeout=120_000)
+            page.wait_for_timeout(1000)  # let the images paint
+            boxes = [list(page.locator(f"#{name}").bounding_box().values()) for name in ("original", "erased")]
+            png = page.screenshot()
+            browser.close()
     finally:
         server.terminate()
         server.wait(timeout=30)
