@@ -139,18 +139,15 @@ def test_serves_loopback_only_and_calls_no_one_by_default(monkeypatch) -> None:
     assert (os.environ.get("GRADIO_ANALYTICS_ENABLED"), os.environ.get("HF_HUB_DISABLE_TELEMETRY")) == ("False", "1")
 
 
-def test_a_named_port_is_the_port(tiny_sd_path: Path) -> None:
+def test_a_named_port_is_the_port(tiny_sd_path: Path, monkeypatch, capsys) -> None:
     """$GRADIO_SERVER_PORT (or --port) taken: one line and exit 1, before any model loads, instead of
     Gradio's silent move to one of the next 100 ports."""
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "--original", str(tiny_sd_path), "--erased",
-                               str(tiny_sd_path)], env={**ENV, "GRADIO_SERVER_PORT": str(port)},
-                              capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and proc.stderr.strip() == f"error: port {port} on 127.0.0.1 is in use (pass --port with a free one)"
+        monkeypatch.setenv("GRADIO_SERVER_PORT", str(port))
+        rc = app.main(["--original", str(tiny_sd_path), "--erased", str(tiny_sd_path)])
+    assert rc == 1 and capsys.readouterr().err == f"error: port {port} on 127.0.0.1 is in use (pass --port with a free one)\n"
 
 
 def test_example_prompts_come_from_the_concept_files() -> None:
