@@ -2,8 +2,9 @@
 
 Sampler defaults by model family: Stable Diffusion's are its diffusers pipeline's; the embedded
 digits model's are those it was built and measured with (DDIM). `erase.sd.sampler_defaults` picks
-the row for a model. The ImageNet classifier that judges object concepts (Imagenette)."""
+the row for a model. The ImageNet classifier that judges object concepts (Imagenette). The embedded model's name."""
 
 SD_STEPS, SD_GUIDANCE = 50, 7.5
 DIGITS_STEPS, DIGITS_GUIDANCE = 25, 5.0  # DDIM steps, classifier-free guidance scale
 RESNET_ID = "microsoft/resnet-50"
+DIGITS_MODEL_NAME = "digits"  # `--model digits`: the embedded model

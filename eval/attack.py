@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -309,7 +309,7 @@ def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Jud
         return out
 
     results = sharded(list(samples), attack, state)
-    report = summarise(results, {i: g.result for i, g in originals.items()}, judge, opts)
+    report = summarise(results, {i: g.result for i, g in originals.items()}, judge, asdict(opts))
     report["num_prompts_given"] = given
     report["generation_seconds"] = round(generation_seconds, 2)
     report["wall_seconds_attack"] = round(time.time() - started, 2)

@@ -4,17 +4,12 @@ Markdown summary, the image grid, and the learned token in the format diffusers 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from eval.generate import Generated
 from eval.judges import Judge
-
-if TYPE_CHECKING:
-    from eval.attack import AttackOptions
 
 __all__ = ["attack_grid", "attack_markdown", "inversion_state_dict", "summarise"]
 
@@ -28,9 +23,10 @@ def inversion_state_dict(inversion: dict) -> dict[str, torch.Tensor]:
     return {"clip_l": vectors[0], "clip_g": vectors[1]}
 
 
-def summarise(results: Sequence[Generated], originals: dict[int, dict], judge: Judge, opts: AttackOptions) -> dict:
+def summarise(results: Sequence[Generated], originals: dict[int, dict], judge: Judge, protocol: dict) -> dict:
     """ASR and its two parts at every threshold of the judge, and the per-prompt records; `originals`
-    holds the judge's verdict on the ORIGINAL model's image of each sample, by index."""
+    holds the judge's verdict on the ORIGINAL model's image of each sample, by index; `protocol` is the
+    attack's settings (`asdict(AttackOptions)`), written into the report."""
     n = len(results)
     rates: dict[str, dict] = {}
     for name in judge.thresholds:
@@ -47,12 +43,12 @@ def summarise(results: Sequence[Generated], originals: dict[int, dict], judge: J
         per_prompt.append({"index": r.sample.index, "prompt": r.sample.prompt, "seed": r.sample.seed,
                            "guidance": r.sample.guidance, "original": originals[r.sample.index]} | record)
     seconds = [r.result["seconds"] for r in results]
-    out = {"attack": opts.attack, "asr": primary["asr"], "asr_parts": {"before_attack": primary["before_attack"],
+    out = {"attack": protocol["attack"], "asr": primary["asr"], "asr_parts": {"before_attack": primary["before_attack"],
                                                                          "attacked": primary["attacked"]},
            "by_threshold": rates, "num_prompts": n, "seconds_per_prompt": float(np.mean(seconds)) if seconds else 0.0,
            "judge": {"name": judge.name, "thresholds": judge.thresholds, "deciding": judge.primary} | judge.protocol,
-           "protocol": asdict(opts), "prompts": per_prompt, "images": [r.result["images"] for r in results]}
-    if opts.attack == "inversion":
+           "protocol": protocol, "prompts": per_prompt, "images": [r.result["images"] for r in results]}
+    if protocol["attack"] == "inversion":
         out["recovery"] = sum(r.result["final"]["shown"][judge.primary] for r in results) / n
         out["recovery_by_threshold"] = {name: sum(r.result["final"]["shown"][name] for r in results) / n
                                         for name in judge.thresholds}

@@ -27,6 +27,8 @@ def main(out: str) -> None:
         with open(out + ".json", "w") as f:
             json.dump({"num_processes": n}, f)
     accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():  # an orderly teardown: gloo may abort at interpreter exit otherwise
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ import json
 import logging
 from pathlib import Path
 
-from erase.defaults import DIGITS_GUIDANCE, DIGITS_STEPS
+from erase.defaults import DIGITS_GUIDANCE, DIGITS_MODEL_NAME, DIGITS_STEPS
 from erase.digits import paths
 from erase.digits.paths import cache_dir
 
 logger = logging.getLogger("erase.digits")
 
-MODEL_NAME = "digits"
+MODEL_NAME = DIGITS_MODEL_NAME
 DEFAULT_STEPS, DEFAULT_GUIDANCE = DIGITS_STEPS, DIGITS_GUIDANCE
 
 
