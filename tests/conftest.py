@@ -132,3 +132,14 @@ def tiny_family_paths(tmp_path_factory) -> dict[str, Path]:
     build_tiny_sdxl_pipeline().save_pretrained(paths["sdxl"], safe_serialization=True)
     build_tiny_sd2_pipeline().save_pretrained(paths["sd2"], safe_serialization=True)
     return paths
+
+
+@pytest.fixture(scope="session")
+def digits_pipe():
+    """The embedded digits pipeline, frozen (the attacks' tests share it)."""
+    from erase.sd import load_pipeline
+
+    pipe = load_pipeline("digits")
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    return pipe
