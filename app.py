@@ -25,10 +25,10 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from erase.concepts import available_concepts, load_concept  # noqa: E402
+from erase.concepts import available_concepts, concept_file_model, load_concept  # noqa: E402
 from erase.digits import is_digits_model  # noqa: E402
 from erase.command import check_model, default_device, one_line_errors, quiet_libraries, run_command  # noqa: E402
-from erase.sd import generate, load_pipeline, sampler_defaults  # noqa: E402
+from erase.sd import generate, load_pipeline, model_kind, sampler_defaults  # noqa: E402
 
 DEMO_ERASED = Path(__file__).resolve().parent / "demo" / "seven-erased"
 MAX_STEPS, MAX_IMAGES, MAX_GUIDANCE = 100, 8, 30.0
@@ -61,17 +61,24 @@ def nudenet_labeller() -> Labeller:
     return label
 
 
+def erased_concepts(erased: str | None) -> list[dict]:
+    """The concepts that the erased folder's erase_config.json names (several when --concept repeated)."""
+    try:
+        record = json.loads((Path(erased) / "erase_config.json").read_text())
+        return list(record.get("concepts") or [record["concept"]])
+    except (TypeError, OSError, ValueError, KeyError):
+        return []
+
+
 def example_prompts(original: str, erased: str | None = None, limit: int = 8) -> list[str]:
     """The erased concept's prompts first (from the erased model's erase_config.json), then a forget
     prompt and a held-out wording of each concept file that fits the model's kind."""
     prompts: list[str] = []
-    try:
-        concept = json.loads((Path(erased) / "erase_config.json").read_text())["concept"]
-        prompts += list(concept["forget"][:2]) + list(concept.get("eval", [])[:1])
-    except (TypeError, OSError, ValueError, KeyError):
-        pass
-    digits = is_digits_model(original)
-    files = {name: path for name, path in available_concepts().items() if (path.stem == "digits") == digits}
+    for i, concept in enumerate(erased_concepts(erased)):  # one erased concept: two of its prompts, else one of each
+        prompts += [p for p in concept["forget"][: 2 if i == 0 and len(prompts) == 0 else 1] + concept.get("eval", [])[:1]
+                    if p not in prompts]
+    kind = model_kind(original)
+    files = {name: path for name, path in available_concepts().items() if concept_file_model(path) == kind}
     firsts = list({path: name for name, path in reversed(files.items())}.values())  # each file's first concept
     for name in firsts + [n for n in files if n not in firsts]:
         if len(prompts) >= limit:
@@ -118,8 +125,9 @@ def build_app(original: str, erased: str, labeller: Labeller | None = None, devi
         return galleries[0], galleries[1], f"*{prompt.strip()}*, seeds {seeds[0]}-{seeds[-1]}, {int(num_steps)} steps, guidance {float(guidance_scale):g}"
 
     with gr.Blocks(title="erase: before and after", analytics_enabled=False) as app:
-        gr.Markdown(f"# Concept erasure: before and after\nOriginal `{original}` beside erased `{erased}`, "
-                    "same prompt, same seeds.")
+        gone = ", ".join(f"`{c['name']}`" for c in erased_concepts(erased))
+        gr.Markdown(f"# Concept erasure: before and after\nOriginal `{original}` beside erased `{erased}`"
+                    f"{f' ({gone} erased)' if gone else ''}, same prompt, same seeds.")
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", value=examples[0] if examples else "", scale=4)
             button = gr.Button("Generate", variant="primary", scale=1)

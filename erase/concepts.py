@@ -10,6 +10,7 @@ A concept file in prompts/*.yaml holds several concepts:
         eval: [...]      # optional held-out wordings (paraphrases) to test the erasure
         target: {digit: 7}   # optional, what an evaluator should look for
     train: {learning_rate: 1e-4, ...}   # optional recipe for this file's model (file or concept level)
+    model: digits   # optional: the kind of model the file is for (default: stable-diffusion)
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Concept", "available_concepts", "load_concept"]
+from erase.defaults import SD_KIND
+
+__all__ = ["Concept", "available_concepts", "concept_file_model", "load_concept", "merge_concepts"]
 
 
 def _prompts_dir() -> Path:
@@ -82,6 +85,12 @@ def available_concepts(prompts_dir: str | Path = PROMPTS_DIR) -> dict[str, Path]
     return found
 
 
+def concept_file_model(path: str | Path) -> str:
+    """The kind of model a concept file is written for: its `model:` key (erase.sd.model_kind's
+    names), Stable Diffusion when it has none."""
+    return str(_read_file(Path(path)).get("model") or SD_KIND)
+
+
 def load_concept(name: str, prompts_dir: str | Path = PROMPTS_DIR) -> Concept:
     """The concept called `name` in prompts/*.yaml; retain defaults to the file's other concepts."""
     known = available_concepts(prompts_dir)
@@ -111,3 +120,23 @@ def load_concept(name: str, prompts_dir: str | Path = PROMPTS_DIR) -> Concept:
 def custom_concept(forget: list[str], anchor: list[str], retain: list[str], name: str = "custom") -> Concept:
     """A concept from command-line prompts (`--forget-prompt`, `--anchor-prompt`, `--retain-prompt`)."""
     return Concept(name=name, forget=forget, anchor=anchor or [""], retain=retain or anchor)
+
+
+def merge_concepts(concepts: list[Concept]) -> Concept:
+    """Several concepts erased in one run: every forget/anchor pair, and the retain prompts of all
+    of them except any prompt that one of them forgets. One concept is returned as it is."""
+    if len(concepts) == 1:
+        return concepts[0]
+    names = [c.name for c in concepts]
+    if len(set(names)) < len(names):
+        raise ValueError(f"concept given twice: {', '.join(names)}")
+    sources = {c.source for c in concepts}
+    if len(sources) > 1:
+        raise ValueError(f"concepts {', '.join(names)} come from different concept files ({', '.join(sorted(sources))}): "
+                         "erase concepts of one model together")
+    forget = [p for c in concepts for p in c.forget]
+    retain = [p for p in dict.fromkeys(p for c in concepts for p in c.retain) if p not in set(forget)]
+    if not retain:
+        raise ValueError(f"concepts {', '.join(names)} leave no retain prompt (every one is forgotten)")
+    return Concept(name="+".join(names), forget=forget, anchor=[p for c in concepts for p in c.anchor], retain=retain,
+                   eval=[p for c in concepts for p in c.eval], train=dict(concepts[0].train), source=concepts[0].source)

@@ -6,14 +6,14 @@ these together with Accelerate, checkpoints and the published pipeline."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 
 from erase.command import check_positive, check_prompts, check_writable
-from erase.concepts import Concept, custom_concept, load_concept
+from erase.concepts import Concept, custom_concept, load_concept, merge_concepts
 from erase.conditioning import Conditioning
 from erase.objectives import esd_loss, noised, saliency_loss, salun_loss, step_generator
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, read_mask_shapes
@@ -23,7 +23,7 @@ __all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for"
            "prepare_data", "release_frozen", "saliency_mask", "train_steps"]
 
 
-METHODS = ("salun", "rl", "esd-x", "esd-u")
+METHODS = ("salun", "rl", "esd-x", "esd-u", "uce")
 
 
 @dataclass
@@ -31,17 +31,21 @@ class TrainConfig:
     """Options of `erase/train.py`; paper defaults (SalUn, nudity). A concept file's `train:`
     section overrides them for its model, and command-line flags override both."""
 
-    concept: str | None = field(default=None, metadata={"help": "concept name from prompts/*.yaml"})
+    concept: list[str] = field(default_factory=list, metadata={
+        "help": "concept name from prompts/*.yaml; repeat it to erase several concepts in one run"})
     forget_prompt: list[str] = field(default_factory=list, metadata={"help": "custom concept: prompt(s) c to forget"})
     anchor_prompt: list[str] = field(default_factory=list, metadata={"help": "custom concept: anchor prompt(s) c'"})
     retain_prompt: list[str] = field(default_factory=list, metadata={"help": "custom concept: prompts to keep"})
     pretrained_model_name_or_path: str = field(default="CompVis/stable-diffusion-v1-4", metadata={"help": "hub id, folder, or `digits`"})
-    method: str = field(default="salun", metadata={"help": "salun, rl, esd-x or esd-u"})
+    method: str = field(default="salun", metadata={"help": "salun, rl, esd-x, esd-u or uce (closed form, no training)"})
     mask_ratio: float | None = field(default=None, metadata={
         "help": "salun: fraction of UNet weights that may move, in (0, 1] (default 0.5; other methods take none)"})
     mask: str | None = field(default=None, metadata={"help": "salun: reuse a saved saliency mask instead of computing one"})
     beta: float = field(default=0.1, metadata={"help": "weight of the retain loss (SalUn Eq. 9)"})
     eta: float = field(default=1.0, metadata={"help": "negative guidance of ESD"})
+    uce_lambda: float = field(default=0.1, metadata={"help": "uce: weight that keeps each projection near its original"})
+    erase_scale: float = field(default=1.0, metadata={"help": "uce: weight of the forget -> anchor edits"})
+    preserve_scale: float = field(default=0.1, metadata={"help": "uce: weight of each preserved (retain) prompt"})
     learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
     train_batch_size: int = field(default=8, metadata={"help": "forget and retain images per step and process"})
     max_train_steps: int = field(default=100, metadata={"help": "optimizer steps"})
@@ -66,11 +70,14 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "training randomness (the generated sets use fixed seeds)"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.concept, str):  # one name, as the Python API took it before --concept repeated
+            self.concept = [self.concept]
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.method != "salun" and (self.mask is not None or self.mask_ratio is not None):
-            raise ValueError(f"--mask and --mask-ratio apply to salun only ({self.method} trains "
-                             f"{'every UNet weight' if self.method == 'rl' else 'its fixed subset of the UNet'})")
+            trains = {"rl": "trains every UNet weight", "uce": "edits the cross-attention keys and values in closed form"}
+            raise ValueError(f"--mask and --mask-ratio apply to salun only ({self.method} "
+                             f"{trains.get(self.method, 'trains its fixed subset of the UNet')})")
         if self.method == "salun":
             self.mask_ratio = check_ratio(0.5 if self.mask_ratio is None else self.mask_ratio)
         if not self.concept and not self.forget_prompt:
@@ -85,8 +92,9 @@ class TrainConfig:
                        gradient_accumulation_steps=self.gradient_accumulation_steps, resolution=self.resolution)
         if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
-        if min(self.beta, self.eta, self.guidance_scale, self.checkpointing_steps) < 0:
-            raise ValueError("beta, eta, guidance_scale and checkpointing_steps must be >= 0")
+        if min(self.beta, self.eta, self.guidance_scale, self.checkpointing_steps, self.erase_scale, self.preserve_scale) < 0:
+            raise ValueError("beta, eta, guidance_scale, checkpointing_steps, erase_scale and preserve_scale must be >= 0")
+        check_positive(uce_lambda=self.uce_lambda)
         check_prompts("forget_prompt", self.forget_prompt)
         check_prompts("anchor_prompt", self.anchor_prompt)
         check_prompts("retain_prompt", self.retain_prompt)
@@ -97,10 +105,15 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 
-    def resolve_concept(self) -> Concept:
+    def resolve_concepts(self) -> list[Concept]:
+        """Each concept erased in this run (one, unless --concept is repeated)."""
         if self.concept:
-            return load_concept(self.concept)
-        return custom_concept(self.forget_prompt, self.anchor_prompt, self.retain_prompt)
+            return [load_concept(name) for name in self.concept]
+        return [custom_concept(self.forget_prompt, self.anchor_prompt, self.retain_prompt)]
+
+    def resolve_concept(self) -> Concept:
+        """The run's concepts as one: every forget/anchor pair, the retain prompts none of them forgets."""
+        return merge_concepts(self.resolve_concepts())
 
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -122,18 +135,22 @@ class ErasureData:
         return self.prompt_embeds[rows]
 
 
-def prepare_data(pipe, cfg, concept: Concept, accelerator: Accelerator, autocast_dtype=None) -> ErasureData:
+def prepare_data(pipe, cfg, concepts: Sequence[Concept], accelerator: Accelerator, autocast_dtype=None) -> ErasureData:
     """Generate (or reuse) D_f and D_r with the original model; encode images and prompts once.
-    With `autocast_dtype` the sets are generated under autocast in that precision."""
+    D_f holds `num_images` images of each concept, D_r `num_images` of the retain prompts that no
+    concept forgets. With `autocast_dtype` the sets are generated under autocast in that precision."""
     gen = dict(num_inference_steps=cfg.generation_steps, guidance_scale=cfg.guidance_scale,
                cache_dir=os.path.join(cfg.cache_dir, "images"), resolution=cfg.resolution,
                batch_size=cfg.generation_batch_size, autocast_dtype=autocast_dtype)
     with accelerator.main_process_first():  # one process generates, the others read the cache
         # fixed generation seeds: every training seed and method reuses the same cached sets
-        forget_images, forget_prompts = image_set(pipe, concept.forget, cfg.num_images, 0, **gen)
-        retain_images, retain_prompts = image_set(pipe, concept.retain, cfg.num_images, 10**6, **gen)
-    anchor_of = dict(zip(concept.forget, concept.anchor))
-    anchor_prompts = [anchor_of[p] for p in forget_prompts]
+        forget_images, forget_prompts, anchor_prompts = [], [], []
+        for concept in concepts:
+            images, prompts = image_set(pipe, concept.forget, cfg.num_images, 0, **gen)
+            forget_images += images
+            forget_prompts += prompts
+            anchor_prompts += [concept.anchor[i % len(concept.forget)] for i in range(len(prompts))]  # image_set cycles
+        retain_images, retain_prompts = image_set(pipe, merge_concepts(list(concepts)).retain, cfg.num_images, 10**6, **gen)
     distinct = list(dict.fromkeys(["", *forget_prompts, *anchor_prompts, *retain_prompts]))
     row = {p: i for i, p in enumerate(distinct)}
     device = pipe.unet.device

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from erase.atomic import replace_dir
 from erase.command import check_model
 from erase.conditioning import Conditioning
-from erase.defaults import SD_GUIDANCE, SD_STEPS
+from erase.defaults import DIGITS_MODEL_NAME, SD_GUIDANCE, SD_KIND, SD_STEPS
 from erase.digits.locate import resolve_model  # `digits` -> its folder; anything else unchanged
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,14 @@ def sampler_defaults(name_or_path: str) -> tuple[int, float]:
     from erase.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS, is_digits_model
 
     return (DEFAULT_STEPS, DEFAULT_GUIDANCE) if is_digits_model(name_or_path) else (SD_STEPS, SD_GUIDANCE)
+
+
+def model_kind(name_or_path: str) -> str:
+    """`digits` for the embedded model and models erased from it, `stable-diffusion` otherwise: what
+    a concept file's `model:` names (erase.concepts.concept_file_model)."""
+    from erase.digits import is_digits_model
+
+    return DIGITS_MODEL_NAME if is_digits_model(name_or_path) else SD_KIND
 
 
 # The pipeline classes this toolkit erases from, by model_index.json's `_class_name`.

@@ -3,9 +3,14 @@
     accelerate launch erase/train.py --concept nudity --output-dir nudity-erased
     accelerate launch erase/train.py --model digits --concept seven --output-dir seven-erased
 
+    accelerate launch erase/train.py --model digits --concept seven --concept red --method uce
+
 Methods, all in one loop on the same data so comparisons are fair: `salun` (SalUn: remap c to
 c' plus beta * retain loss, only salient weights move), `rl` (the same without the mask),
-`esd-x` and `esd-u` (ESD with a frozen teacher, cross-attention or the rest of the UNet).
+`esd-x` and `esd-u` (ESD with a frozen teacher, cross-attention or the rest of the UNet); and
+`uce`, the closed-form edit of the cross-attention keys and values (erase/uce.py, no training).
+`--concept` repeats: several concepts are erased in one run (one mask, one loop, all their
+forget/anchor pairs, the retain prompts that none of them forgets).
 The output folder is a complete diffusers pipeline (safetensors) with erase_config.json and
 saliency_mask.safetensors; it appears only when training has finished.
 """
@@ -43,7 +48,7 @@ from erase.command import (  # noqa: E402
     run_command,
     versions,
 )
-from erase.concepts import load_concept  # noqa: E402
+from erase.concepts import load_concept, merge_concepts  # noqa: E402
 from erase.erasure import (  # noqa: E402
     WEIGHT_DTYPES,
     TrainConfig,
@@ -63,6 +68,7 @@ from erase.saliency import (  # noqa: E402
     select_parameters,
 )
 from erase.sd import load_pipeline, pipeline_class  # noqa: E402
+from erase.uce import UCEScales, uce_edit  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -76,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     # a concept file's `train:` recipe sits between the paper defaults and the flags
     recipe = {}
     if given.get("concept"):
-        recipe = load_concept(given["concept"]).train
+        recipe = merge_concepts([load_concept(name) for name in given["concept"]]).train
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{**{k: v for k, v in recipe.items() if k in known}, **given})
 
@@ -140,7 +146,8 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 def train(cfg: TrainConfig) -> str:
-    concept = cfg.resolve_concept()
+    concepts = cfg.resolve_concepts()
+    concept = merge_concepts(concepts)
     check_output_dir(cfg)
     staging = staging_dir(cfg.output_dir)
     report_to = cfg.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else None)
@@ -152,6 +159,8 @@ def train(cfg: TrainConfig) -> str:
     )
     device = accelerator.device
     check_launch(accelerator.num_processes)
+    if cfg.method == "uce":
+        return edit_closed_form(cfg, concepts, accelerator, staging)
     checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
     notes = []  # what the run did other than asked, also in erase_config.json
     if cfg.resume_from_checkpoint == "latest" and checkpoint is None:
@@ -175,7 +184,7 @@ def train(cfg: TrainConfig) -> str:
     peak_memory_gib(device)
     start = time.perf_counter()
     originals = hold_frozen(pipe, device, weight_dtype)
-    data = prepare_data(pipe, cfg, concept, accelerator, autocast_dtype)
+    data = prepare_data(pipe, cfg, concepts, accelerator, autocast_dtype)
     release_frozen(pipe, originals)
     seconds_data = time.perf_counter() - start
     peaks["data"] = peak_memory_gib(device)
@@ -225,20 +234,53 @@ def train(cfg: TrainConfig) -> str:
 
     if accelerator.is_main_process:
         pipe.unet = accelerator.unwrap_model(unet)
-        record = {
-            "config": dataclasses.asdict(cfg),
-            "concept": dataclasses.asdict(concept),
-            "mask": {"trainable_fraction": kept, "file": "saliency_mask.safetensors"},
-            "num_processes": accelerator.num_processes,
+        record = run_record(cfg, concepts, accelerator, kept, notes) | {
             "final_losses": logs,
             "seconds": {"data": seconds_data, "mask": seconds_mask, "train": seconds_train},
             "peak_memory_gib": peaks,
-            "device": str(device),
             "resumed_from": checkpoint,
-            "notes": notes,
-            "versions": versions(),
         }
         publish(pipe, staging, cfg, record)
+    accelerator.end_training()
+    return cfg.output_dir
+
+
+def run_record(cfg: TrainConfig, concepts, accelerator: Accelerator, kept: float, notes: list[str]) -> dict:
+    """What erase_config.json says about every run; `concept` is the run's concepts as one."""
+    return {
+        "config": dataclasses.asdict(cfg),
+        "concept": dataclasses.asdict(merge_concepts(concepts)),
+        "concepts": [dataclasses.asdict(c) for c in concepts],
+        "mask": {"trainable_fraction": kept, "file": "saliency_mask.safetensors"},
+        "num_processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "notes": notes,
+        "versions": versions(),
+    }
+
+
+def edit_closed_form(cfg: TrainConfig, concepts, accelerator: Accelerator, staging: str) -> str:
+    """`--method uce`: no image sets, no training loop. One process edits and publishes; the
+    saved mask marks the edited projections (what a delta export carries)."""
+    if accelerator.is_main_process:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+        concept = merge_concepts(concepts)
+        start = time.perf_counter()
+        pipe = load_pipeline(cfg.pretrained_model_name_or_path, device=accelerator.device)
+        seconds_load = time.perf_counter() - start
+        start = time.perf_counter()
+        mask = uce_edit(pipe, concept.forget, concept.anchor, concept.retain,
+                        UCEScales(lam=cfg.uce_lambda, erase=cfg.erase_scale, preserve=cfg.preserve_scale))
+        seconds_edit = time.perf_counter() - start
+        os.makedirs(staging)
+        save_mask(mask, os.path.join(staging, "saliency_mask.safetensors"), metadata={"method": cfg.method, "concept": concept.name})
+        record = run_record(cfg, concepts, accelerator, mask_fraction(mask), []) | {
+            "seconds": {"load": seconds_load, "edit": seconds_edit},
+            "edited": sorted(n for n, m in mask.items() if bool(m.any())),
+        }
+        publish(pipe, staging, cfg, record)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return cfg.output_dir
 
@@ -274,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(cfg: TrainConfig) -> None:
         out = train(cfg)
-        print(f"erased {cfg.concept or 'custom concept'} with {cfg.method}: {out}")
+        print(f"erased {' + '.join(cfg.concept) or 'custom concept'} with {cfg.method}: {out}")
 
     return run_command(lambda: check(argv), run)
 

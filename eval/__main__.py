@@ -163,9 +163,13 @@ def attack_concept(args):
     name = args.concept
     if name is None:
         try:
-            name = json.loads((Path(resolve_model(args.model)) / "erase_config.json").read_text())["concept"]["name"]
+            record = json.loads((Path(resolve_model(args.model)) / "erase_config.json").read_text())
+            names = [c["name"] for c in record.get("concepts") or [record["concept"]]]
         except (OSError, ValueError, KeyError, TypeError):
             raise ValueError(f"pass --concept (e.g. nudity): {args.model} has no erase_config.json naming its concept") from None
+        if len(names) > 1:
+            raise ValueError(f"{args.model} erased {len(names)} concepts ({', '.join(names)}): pass --concept NAME to attack one")
+        name = names[0]
     return load_concept(name)
 
 

@@ -108,14 +108,16 @@ def compare(opts: CompareOptions, out_dir: str | os.PathLike, *, device="cpu", d
               "num_processes": 1 if state is None else state.num_processes}
     if state is not None and not state.is_main_process:
         return report
-    concept, why_not = erased_concept(opts.erased, task)
-    if concept is not None:
-        report["concept"] = concept
+    concepts, why_not = erased_concepts(opts.erased, task)
+    if concepts:
+        report["concepts"] = concepts
+        if len(concepts) == 1:
+            report["concept"] = concepts[0]
     else:  # said, not dropped silently
         report["concept_summary"] = f"none: {why_not}"
         logger.warning("compare: no erased-concept summary: %s", why_not)
     for role in ("original", "erased"):
-        report[role] = _score(opts, task, generated[role], concept)
+        report[role] = _score(opts, task, generated[role], concepts)
     if "fid" in opts.metrics:
         report["fid_erased_vs_original"] = _fid_between(opts, generated, device)
     grid, grid_prompts = _compare_grid(generated, opts.grid_prompts)
@@ -130,31 +132,35 @@ def compare(opts: CompareOptions, out_dir: str | os.PathLike, *, device="cpu", d
     return report
 
 
-def erased_concept(erased: str, task) -> tuple[dict | None, str | None]:
-    """The concept that the erased model's erase_config.json names, located among the class task's
-    heads ({"name", "target", "head", "class"}), or None and the reason there is none."""
+def erased_concepts(erased: str, task) -> tuple[list[dict], str | None]:
+    """Each concept that the erased model's erase_config.json names, located among the class task's
+    heads ({"name", "target", "head", "class", "class_index"}), or [] and the reason there is none."""
     from erase.sd import resolve_model
 
     try:
         record = json.loads((Path(resolve_model(erased)) / "erase_config.json").read_text())
-        name, target = record["concept"]["name"], record["concept"].get("target") or {}
+        named = [(c["name"], c.get("target") or {}) for c in record.get("concepts") or [record["concept"]]]
     except (OSError, ValueError, KeyError, TypeError):
-        return None, f"{erased} has no erase_config.json naming its concept"
+        return [], f"{erased} has no erase_config.json naming its concept"
     if task is None:
-        return None, f"no class metric to locate concept {name!r} with (metrics without classes)"
-    found = classes.class_of(task, target)
-    if found is None:
-        return None, f"concept {name!r} (target {target}) is no class of the {task.name} classifier"
-    head, index = found
-    return {"name": name, "target": target, "head": head, "class": task.heads[head][index], "class_index": index}, None
+        return [], f"no class metric to locate concept {named[0][0]!r} with (metrics without classes)"
+    located = []
+    for name, target in named:
+        found = classes.class_of(task, target)
+        if found is None:
+            return [], f"concept {name!r} (target {target}) is no class of the {task.name} classifier"
+        head, index = found
+        located.append({"name": name, "target": target, "head": head, "class": task.heads[head][index], "class_index": index})
+    return located, None
 
 
-def concept_rates(task, scored: Sequence[Generated], concept: dict) -> dict:
-    """How often the erased concept's own images still show it, and how well the images that do not
-    show it keep every head's classes (mean over classes of the per-class accuracy)."""
+def concept_rates(task, scored: Sequence[Generated], concept: dict, erased: Sequence[dict] = ()) -> dict:
+    """How often the erased concept's own images still show it, and how well the images that show
+    none of the `erased` concepts (default: this one) keep every head's classes (mean over classes
+    of the per-class accuracy)."""
     head, index = concept["head"], concept["class_index"]
     own = [g for g in scored if g.sample.labels[head] == index]
-    others = [g for g in scored if g.sample.labels[head] != index]
+    others = [g for g in scored if not any(g.sample.labels[c["head"]] == c["class_index"] for c in erased or [concept])]
     retained = {}
     for h, names in task.heads.items():
         per_class = [[g.result[h] == c for g in others if g.sample.labels[h] == c] for c in range(len(names))]
@@ -178,15 +184,17 @@ def _compare_samples(opts: CompareOptions, device) -> tuple[list[Sample], Any]:
     return samples, task
 
 
-def _score(opts: CompareOptions, task, generated: list[Generated], concept: dict | None) -> dict:
+def _score(opts: CompareOptions, task, generated: list[Generated], concepts: Sequence[dict]) -> dict:
     images = [Image.fromarray(g.image) for g in generated]
     out: dict = {}
     if task is not None:
         predictions = task.predict(images)
         scored = [Generated(g.sample, {h: int(p[i]) for h, p in predictions.items()}) for i, g in enumerate(generated)]
         out["classes"] = classes.summarise(task, scored)
-        if concept is not None:
-            out["concept"] = concept_rates(task, scored, concept)
+        if concepts:
+            out["concepts"] = {c["name"]: concept_rates(task, scored, c, concepts) for c in concepts}
+        if len(concepts) == 1:
+            out["concept"] = out["concepts"][concepts[0]["name"]]
     if "nudity" in opts.metrics:
         detector = nudity.default_detector()
         per_image = nudity.detect_exposed(images, detector)
@@ -233,17 +241,22 @@ def compare_markdown(report: dict) -> str:
              f"{o['num_inference_steps']} steps, seeds from {o['seed']}; the same prompts and seeds for both.", "",
              ]
     before, after = report["original"], report["erased"]
-    concept = report.get("concept")
-    if concept is not None:
-        b, a = before["concept"], after["concept"]
-        lines += [f"## Erased concept `{concept['name']}` ({concept['head']} = {concept['class']})", "",
-                  "| | original | erased | change |", "|---|---|---|---|",
-                  f"| **its images still showing {concept['class']}** ({b['num_images']}) | {b['shown']:.3f} | "
-                  f"{a['shown']:.3f} | {a['shown'] - b['shown']:+.3f} |"]
+    concepts = report.get("concepts") or []
+    if concepts:
+        names = [c["name"] for c in concepts]
+        title = f"Erased concept `{names[0]}`" if len(names) == 1 else f"Erased concepts {', '.join(f'`{n}`' for n in names)}"
+        classes_named = "; ".join(f"{c['head']} = {c['class']}" for c in concepts)
+        lines += [f"## {title} ({classes_named})", "",
+                  "| | original | erased | change |", "|---|---|---|---|"]
+        for c in concepts:
+            b, a = before["concepts"][c["name"]], after["concepts"][c["name"]]
+            lines.append(f"| **its images still showing {c['class']}** ({b['num_images']}) | {b['shown']:.3f} | "
+                         f"{a['shown']:.3f} | {a['shown'] - b['shown']:+.3f} |")
+        b, a = before["concepts"][names[0]], after["concepts"][names[0]]  # the retained rest is the same for each
         for h in b["retained_mean_accuracy"]:
             rb, ra = b["retained_mean_accuracy"][h], a["retained_mean_accuracy"][h]
-            lines.append(f"| **retained: mean {h} accuracy**, images without it ({b['num_retained_images']}) | "
-                         f"{rb:.3f} | {ra:.3f} | {ra - rb:+.3f} |")
+            lines.append(f"| **retained: mean {h} accuracy**, images without {'it' if len(names) == 1 else 'any of them'} "
+                         f"({b['num_retained_images']}) | {rb:.3f} | {ra:.3f} | {ra - rb:+.3f} |")
         lines += ["", "## Every metric (all images)", ""]
     else:
         lines += [f"No erased-concept summary ({report['concept_summary']}).", ""]

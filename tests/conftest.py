@@ -143,3 +143,52 @@ def digits_pipe():
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two shared cores: one thread is several times faster than two fighting other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli():
+    """Run `python -m eval` in this process; undo the Accelerate state and log levels it sets."""
+    import diffusers
+    import transformers
+    from accelerate import PartialState
+
+    fresh = not PartialState._shared_state
+    levels = diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
+    from eval.__main__ import main
+
+    yield lambda *argv: main([str(a) for a in argv])
+    if fresh:
+        PartialState._reset_state()
+    diffusers.utils.logging.set_verbosity(levels[0])
+    transformers.utils.logging.set_verbosity(levels[1])
+
+
+@pytest.fixture(scope="module")
+def detector():
+    from nudenet import NudeDetector
+
+    return NudeDetector()
+
+
+@pytest.fixture
+def i2p_csv(tmp_path) -> Path:
+    import csv
+
+    from eval_support import I2P_ROWS
+
+    path = tmp_path / "i2p.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(I2P_ROWS[0]))
+        writer.writeheader()
+        writer.writerows(I2P_ROWS)
+    return path
+

@@ -66,7 +66,7 @@ def check_output(original: Path, erased: Path, frozen: list[str], method: str) -
 SDXL_FROZEN = ["vae", "text_encoder", "text_encoder_2"]
 LOADS_AS = {"sdxl": ("StableDiffusionXLPipeline", "epsilon"), "sd2": ("StableDiffusionPipeline", "v_prediction")}
 CASES = [
-    ("sdxl", "salun"), ("sd2", "salun"),
+    ("sdxl", "salun"), ("sd2", "salun"), ("sdxl", "uce"), ("sd2", "uce"),
     pytest.param("sdxl", "rl", marks=pytest.mark.slow), pytest.param("sdxl", "esd-x", marks=pytest.mark.slow),
     pytest.param("sdxl", "esd-u", marks=pytest.mark.slow), pytest.param("sd2", "rl", marks=pytest.mark.slow),
     pytest.param("sd2", "esd-x", marks=pytest.mark.slow), pytest.param("sd2", "esd-u", marks=pytest.mark.slow),

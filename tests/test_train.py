@@ -57,7 +57,7 @@ def test_nudity_output_is_a_complete_pipeline(erased_nudity: Path, tiny_sd_path:
         assert (erased_nudity / name).exists(), name
     assert not list(erased_nudity.parent.glob(".*partial*"))
     record = json.loads((erased_nudity / "erase_config.json").read_text())
-    assert record["config"]["method"] == "salun" and record["config"]["concept"] == "nudity"
+    assert record["config"]["method"] == "salun" and record["config"]["concept"] == ["nudity"]
     assert record["concept"]["forget"] == ["a photo of a nude person"]
     assert record["versions"]["diffusers"] and record["num_processes"] == 1
 
@@ -178,6 +178,37 @@ def test_custom_concept_from_flags(tiny_sd_path: Path, tmp_path: Path) -> None:
     assert record["config"]["gradient_accumulation_steps"] == 2 and record["config"]["gradient_checkpointing"]
 
 
+def test_several_concepts_in_one_run(tiny_sd_path: Path, tmp_path: Path) -> None:
+    """--concept repeated: D_f holds num-images of each concept with its own anchors, D_r only
+    prompts that no concept forgets, and erase_config.json names each concept."""
+    from accelerate import Accelerator
+
+    from erase.concepts import load_concept
+    from erase.erasure import TrainConfig, prepare_data
+    from erase.sd import load_pipeline
+
+    cfg = TrainConfig(concept=["seven", "red"], num_images=4, generation_steps=1, cache_dir=str(tmp_path / "cache"))
+    seven, red = cfg.resolve_concepts()
+    merged = cfg.resolve_concept()
+    assert merged.name == "seven+red" and merged.forget == seven.forget + red.forget
+    assert not set(merged.retain) & set(merged.forget) and set(merged.retain) < set(seven.retain) | set(red.retain)
+    pipe = load_pipeline(str(tiny_sd_path))
+    data = prepare_data(pipe, cfg, [seven, red], Accelerator(cpu=True))
+    assert len(data.forget_latents) == 8 and len(data.retain_latents) == 4
+    rows = data.prompt_embeds.hidden_states
+    expected = [load_concept(c).anchor[i % len(load_concept(c).forget)] for c in ("seven", "red") for i in range(4)]
+    from erase.sd import encode_prompts
+
+    torch.testing.assert_close(rows[data.anchor_prompt], encode_prompts(pipe, expected).hidden_states)  # batched apart
+
+    out = tmp_path / "out"
+    proc = run_train(["--concept", "seven", "--concept", "red", "--method", "esd-x", *small_run(tiny_sd_path, out, tmp_path / "cache")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "erase_config.json").read_text())
+    assert record["config"]["concept"] == ["seven", "red"] and [c["name"] for c in record["concepts"]] == ["seven", "red"]
+    assert record["concept"]["name"] == "seven+red" and "erased seven + red with esd-x" in proc.stdout
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -187,6 +218,8 @@ def test_custom_concept_from_flags(tiny_sd_path: Path, tmp_path: Path) -> None:
         (["--concept", "nudity", "--method", "magic"], "unknown method 'magic'"),
         (["--concept", "nudity", "--model", "CompVis/stable-diffusion-v1-4"], "cannot load model 'CompVis/stable-diffusion-v1-4'"),
         (["--concept", "nudity", "--model", "/does/not/exist"], "model folder not found"),
+        (["--concept", "nudity", "--concept", "seven"], "come from different concept files"),
+        (["--concept", "seven", "--concept", "seven"], "concept given twice"),
     ],
 )
 def test_bad_input_one_line_nonzero_no_output(extra: list[str], message: str, tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
