@@ -22,6 +22,7 @@ from pathlib import Path
 
 
 from erase.concepts import load_concept
+from erase.erasure import METHODS  # every method of erase/train.py, uce included
 from erase.digits import (
     COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DIGIT_WORDS, classify_images, load_digits_classifier, prompt_for,
 )
@@ -32,7 +33,7 @@ from erase.sd import generate, load_pipeline
 from common import machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("salun", "rl", "esd-x", "esd-u")
+
 
 
 def score(model: str, concept_names: list[str], n: int, classifier) -> dict:
@@ -81,10 +82,12 @@ def grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
 
 
-def erase_once(concept: str, method: str, seed: int, out: str, args) -> float:
+def erase_once(concept: str | list[str], method: str, seed: int, out: str, args) -> float:
+    """Seconds of the whole `accelerate launch erase/train.py` command (several concepts: one run)."""
+    concepts = [concept] if isinstance(concept, str) else concept
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
-           "--model", "digits", "--concept", concept, "--method", method, "--seed", str(seed),
+           "--model", "digits", *[a for c in concepts for a in ("--concept", c)], "--method", method, "--seed", str(seed),
            "--output-dir", out, "--cache-dir", args.cache_dir]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -150,6 +150,25 @@ def test_a_bad_input_is_one_line_from_a_fresh_process(tmp_path: Path) -> None:
     assert time.perf_counter() - start < 30 and not list(tmp_path.iterdir())
 
 
+def test_an_error_after_the_libraries_load_is_one_line_from_a_fresh_process(tiny_sd_path: Path, tmp_path: Path) -> None:
+    """An attack on a folder that erased two concepts must be told which: the libraries are loaded
+    by then, and their import-time notes (torchvision missing) must not reach stderr."""
+    import json
+    import shutil
+
+    erased = tmp_path / "two"
+    shutil.copytree(tiny_sd_path, erased)
+    (erased / "erase_config.json").write_text(json.dumps({"concept": {"name": "seven+red"},
+                                                          "concepts": [{"name": "seven"}, {"name": "red"}]}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    proc = subprocess.run([sys.executable, "-m", "eval", "attack", "--model", str(erased), "--original", str(tiny_sd_path),
+                           "--attack", "inversion", "--out", str(tmp_path / "a.json")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == f"error: {erased} erased 2 concepts (seven, red): pass --concept NAME to attack one\n"
+    assert not (tmp_path / "a.json").exists()
+
+
 def test_compare_refuses_an_unsupported_erased_model_before_generating(tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
     """The erased model's kind is read from its model_index.json before the original's images are made."""
     import json
