@@ -15,9 +15,17 @@ from erase.conditioning import unet_kwargs
 from erase.objectives import mse_per_sample, noisy_latents_and_target, step_generator, training_scheduler
 from erase.tokens import PlaceholderTokens, allowed_token_ids
 
-__all__ = ["INVERSION_TOKEN", "InversionSettings", "denoising_loss", "inversion_captions", "train_inversion"]
+__all__ = ["INVERSION_TOKEN", "InversionSettings", "denoising_loss", "inversion_captions", "inversion_tokens", "train_inversion"]
 
 INVERSION_TOKEN = "<erased-concept>"
+
+
+def inversion_tokens(n: int = 1) -> list[str]:
+    """The placeholder words of an n-vector inversion, written one after another where the concept's
+    name was: INVERSION_TOKEN for one vector (Pham et al.'s setting), else <erased-concept-0> ...."""
+    if n < 1:
+        raise ValueError(f"inversion-vectors must be >= 1, got {n}")
+    return [INVERSION_TOKEN] if n == 1 else [f"<erased-concept-{i}>" for i in range(n)]
 
 
 @dataclass
@@ -31,7 +39,17 @@ class InversionSettings:
     weight_decay: float = 0.0  # AdamW's; 0: Adam
     init: str | None = None  # a word whose embedding starts the token (None: the mean embedding)
     flip: bool = False  # mirror each drawn target image with probability 1/2
+    vectors: int = 1  # new token vectors learned together (1: Pham et al.'s setting)
     seed: int = 0
+
+    @property
+    def tokens(self) -> list[str]:
+        return inversion_tokens(self.vectors)
+
+    @property
+    def phrase(self) -> str:
+        """What stands for the concept in a caption: the placeholder words, space-separated."""
+        return " ".join(self.tokens)
 
 
 def denoising_loss(pipe, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, prompts: Sequence[str],
@@ -59,17 +77,19 @@ def inversion_captions(prompts: Sequence[str], concept_name: str | None, token: 
 
 def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: InversionSettings,
                     mirrored: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[float]]:
-    """Textual inversion against `pipe`'s frozen UNet and text encoder(s): one embedding per text encoder
-    for INVERSION_TOKEN, minimising the denoising loss of `latents` (N, 4, h, w) under `captions` at
-    uniform random timesteps. With `opts.flip`, `mirrored` holds the latents of the mirrored
-    images and each drawn image is mirrored with probability 1/2. Returns the embeddings ((1, D) each)
-    and the loss per 50 steps."""
+    """Textual inversion against `pipe`'s frozen UNet and text encoder(s): `opts.vectors` embeddings per
+    text encoder, one for each of `opts.tokens`, learned together to minimise the denoising loss of
+    `latents` (N, 4, h, w) under `captions` (which hold `opts.phrase`) at uniform random timesteps. Every
+    vector starts at the initializer word's embedding (or the mean embedding); their positions in the
+    prompt tell them apart. With `opts.flip`, `mirrored` holds the latents of the mirrored images and
+    each drawn image is mirrored with probability 1/2. Returns the embeddings ((vectors, D) per text
+    encoder) and the loss per 50 steps."""
     g = step_generator(opts.seed, 0, device=latents.device)
     scheduler = training_scheduler(pipe.scheduler)
     num_t = scheduler.config.num_train_timesteps
     if opts.flip and mirrored is None:
         raise ValueError("flip needs the mirrored images' latents")
-    with PlaceholderTokens(pipe, [INVERSION_TOKEN]) as place:
+    with PlaceholderTokens(pipe, opts.tokens) as place:
         matrices = place.embedding_matrices()
         vectors = []
         for (tokenizer, _), m in zip(place.pairs, matrices, strict=True):
@@ -78,7 +98,7 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
                 start = m.detach()[ids].float().mean(0, keepdim=True)
             else:
                 start = m.detach()[allowed_token_ids(tokenizer, m.shape[0]).to(m.device)].float().mean(0, keepdim=True)
-            vectors.append(start.clone().requires_grad_(True))
+            vectors.append(start.repeat(opts.vectors, 1).requires_grad_(True))
         if opts.weight_decay:
             optimizer = torch.optim.AdamW(vectors, lr=opts.lr, weight_decay=opts.weight_decay)
         else:

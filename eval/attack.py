@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from erase.inversion import INVERSION_TOKEN, InversionSettings, denoising_loss, inversion_captions, train_inversion
+from erase.inversion import InversionSettings, denoising_loss, inversion_captions, train_inversion
 from erase.objectives import step_generator, training_scheduler
 from erase.tokens import PlaceholderTokens, allowed_token_ids, project_simplex, straight_through_one_hot, sweep_timesteps
 from eval.attack_report import summarise
@@ -87,6 +87,8 @@ class AttackOptions:
     inversion_init: str | None = field(default=None, metadata={
         "help": "inversion: a word whose embedding starts the token (default: the mean embedding)"})
     inversion_flip: bool = field(default=False, metadata={"help": "inversion: mirror each drawn target image with probability 1/2"})
+    inversion_vectors: int = field(default=1, metadata={
+        "help": "inversion: new token vectors learned together in place of the concept's name (1: Pham et al.'s setting)"})
     inversion_heldout: bool = field(default=False, metadata={
         "help": "inversion: learn from the original's images at other seeds than the ones recovery is measured on"})
     # the images: targets from the original, checks from the erased model
@@ -109,7 +111,7 @@ class AttackOptions:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose {' or '.join(SAMPLERS)}")
         for name in ("k", "iterations", "timesteps", "inversion_steps", "inversion_batch_size", "inversion_accumulation",
-                     "num_inference_steps"):
+                     "inversion_vectors", "num_inference_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.target_steps is not None and self.target_steps < 1:
@@ -124,7 +126,8 @@ class AttackOptions:
     def inversion_settings(self) -> InversionSettings:
         return InversionSettings(steps=self.inversion_steps, lr=self.inversion_lr, batch_size=self.inversion_batch_size,
                                  accumulation=self.inversion_accumulation, weight_decay=self.inversion_weight_decay,
-                                 init=self.inversion_init, flip=self.inversion_flip, seed=self.seed)
+                                 init=self.inversion_init, flip=self.inversion_flip, vectors=self.inversion_vectors,
+                                 seed=self.seed)
 
     @classmethod
     def from_preset(cls, given: dict, judge: str, concept_name: str) -> AttackOptions:
@@ -156,8 +159,9 @@ PRESETS = {
     # Pham et al., ICLR 2024: textual inversion for 5,000 steps, batch 4 x 4 accumulated, lr 5e-3
     # scaled by the batch (0.08), AdamW with weight decay 1e-2, random flips, an initializer word,
     # learnt on images kept apart from those that measure recovery.
+    # One token vector (the multi-vector attack is --inversion-vectors N beside it).
     "pham": {"inversion_steps": 5000, "inversion_batch_size": 4, "inversion_accumulation": 4, "inversion_lr": 0.08,
-             "inversion_weight_decay": 1e-2, "inversion_flip": True, "inversion_heldout": True},
+             "inversion_weight_decay": 1e-2, "inversion_flip": True, "inversion_heldout": True, "inversion_vectors": 1},
 }
 HELDOUT_SEED_OFFSET = 10**6  # seeds of the inversion's own target images under inversion_heldout
 
@@ -271,11 +275,12 @@ def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Jud
 
     extra: dict = {}
     if opts.attack == "inversion":
-        captions = inversion_captions([s.prompt for s in samples], concept_name)
+        settings = opts.inversion_settings()
+        captions = inversion_captions([s.prompt for s in samples], concept_name, settings.phrase)
         source = heldout if heldout is not None else originals
         target_images = [Image.fromarray(source[s.index].image) for s in samples]
         vectors, trace, seconds = _inversion_everywhere(pipe, target_images, captions, opts, state)
-        extra = {"inversion": {"token": INVERSION_TOKEN, "captions": captions, "loss_trace": trace,
+        extra = {"inversion": {"token": settings.phrase, "vectors": settings.vectors, "captions": captions, "loss_trace": trace,
                                "train_seconds": round(seconds, 2),
                                "trained_on": f"the original's images at seed + {HELDOUT_SEED_OFFSET}" if heldout
                                else "the original's images at the measured seeds",
@@ -289,7 +294,7 @@ def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Jud
             record: dict = {"before": befores[s.index].result}
             after = None
             if opts.attack == "inversion":
-                with PlaceholderTokens(pipe, [INVERSION_TOKEN]) as place:
+                with PlaceholderTokens(pipe, settings.tokens) as place:
                     place.set([v.to(m.dtype) for v, m in zip(vectors, place.embedding_matrices(), strict=True)])
                     after = render(caption_of[s.index], s)
                 record |= {"caption": caption_of[s.index], "final": judge([after])[0]}

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from erase.inversion import INVERSION_TOKEN
 from eval.generate import Generated
 from eval.judges import Judge
 
@@ -15,11 +16,13 @@ __all__ = ["attack_grid", "attack_markdown", "inversion_state_dict", "summarise"
 
 
 def inversion_state_dict(inversion: dict) -> dict[str, torch.Tensor]:
-    """The learned token as diffusers' `load_textual_inversion` reads it: {token: (1, D)} for one text
-    encoder; {"clip_l": ..., "clip_g": ...} for SDXL's two (load each with its encoder and tokenizer)."""
-    vectors = [torch.tensor(v).reshape(1, -1) for v in inversion["embeddings"]]
+    """The learned token as diffusers' `load_textual_inversion` reads it: {token: (N, D)} for one text
+    encoder; {"clip_l": ..., "clip_g": ...} for SDXL's two (load each with its encoder and tokenizer).
+    N vectors load as one multi-vector token, INVERSION_TOKEN, which diffusers expands in a prompt."""
+    n = inversion.get("vectors", 1)
+    vectors = [torch.tensor(v).reshape(n, -1) for v in inversion["embeddings"]]
     if len(vectors) == 1:
-        return {inversion["token"]: vectors[0]}
+        return {inversion["token"] if n == 1 else INVERSION_TOKEN: vectors[0]}
     return {"clip_l": vectors[0], "clip_g": vectors[1]}
 
 

@@ -114,6 +114,8 @@ CASES = [
                               "--out", str(o / "a.json")], "pass --concept"),
     (eval_main, lambda m, o: ["attack", "--model", str(m), "--original", str(m), "--attack", "unlearndiffatk", "--concept",
                               "seven", "--deciding-threshold", "unlearndiffatk_0.45", "--out", str(o / "a.json")], "no threshold"),
+    (eval_main, lambda m, o: ["attack", "--model", str(m), "--original", str(m), "--attack", "inversion", "--concept", "seven",
+                              "--inversion-vectors", "0", "--out", str(o / "a.json")], "inversion-vectors must be positive"),
     (eval_main, lambda m, o: ["attack", "--model", str(m), "--original", str(m), "--attack", "gcg", "--out",
                               str(o / "a.json")], "invalid choice"),
     (eval_main, lambda m, o: ["attack", "--model", str(m), "--original", str(m), "--attack", "inversion",

@@ -3,6 +3,8 @@ schedule on every family and prediction type), and the inversion trainer."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -74,3 +76,51 @@ def test_the_inversion_runs_on_an_euler_v_prediction_model():
     vectors, trace = train_inversion(pipe, latents, ["a red handwritten digit <erased-concept>"],
                                      InversionSettings(steps=3, batch_size=2))
     assert len(vectors) == 1 and len(trace) == 1 and torch.isfinite(vectors[0]).all()
+
+
+def test_several_vectors_are_learned_together_in_place_of_the_name(tiny_sd_path):
+    """N placeholder words stand where the concept's name was; each text encoder learns (N, D), and the
+    vectors part ways from their common start (their positions tell them apart)."""
+    from erase.inversion import inversion_tokens, train_inversion
+    from erase.sd import encode_images, generate, load_pipeline
+
+    assert inversion_tokens(1) == ["<erased-concept>"] and inversion_tokens(3)[2] == "<erased-concept-2>"
+    with pytest.raises(ValueError, match="inversion-vectors must be >= 1"):
+        inversion_tokens(0)
+    settings = InversionSettings(steps=30, batch_size=2, lr=0.05, vectors=3)
+    assert inversion_captions(["a red handwritten digit seven"], "seven", settings.phrase) == [
+        "a red handwritten digit <erased-concept-0> <erased-concept-1> <erased-concept-2>"]
+    pipe = load_pipeline(str(tiny_sd_path))
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+        part.requires_grad_(False)
+    latents = encode_images(pipe, generate(pipe, ["a red handwritten digit seven"] * 2, [0, 1], 2, 5.0))
+    captions = inversion_captions(["a red handwritten digit seven"] * 2, "seven", settings.phrase)
+    (vectors,), trace = train_inversion(pipe, latents, captions, settings)
+    assert vectors.shape == (3, pipe.text_encoder.config.hidden_size)
+    assert (vectors[0] - vectors[1]).abs().max() > 0 and (vectors[1] - vectors[2]).abs().max() > 0
+    assert torch.isfinite(vectors).all() and len(trace) == 1
+
+
+def test_several_vectors_load_with_diffusers_own_loader_as_one_multi_vector_token(tiny_sd_path, tmp_path):
+    """The report's safetensors for N vectors loads with `load_textual_inversion` under <erased-concept>,
+    which diffusers expands in a prompt, and encodes exactly as the attack's N placeholder words did."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from erase.sd import encode_prompts
+    from erase.tokens import PlaceholderTokens
+    from eval.attack_report import inversion_state_dict
+
+    settings = InversionSettings(vectors=3)
+    width = json.loads((tiny_sd_path / "text_encoder" / "config.json").read_text())["hidden_size"]
+    vectors = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+    save_file(inversion_state_dict({"token": settings.phrase, "vectors": 3, "embeddings": [vectors.flatten().tolist()]}),
+              str(tmp_path / "three.safetensors"))
+    plain = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    plain.load_textual_inversion(str(tmp_path / "three.safetensors"), token="<erased-concept>")
+    ours = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    with PlaceholderTokens(ours, settings.tokens) as place:
+        place.set([vectors])
+        expected = encode_prompts(ours, [f"a red handwritten digit {settings.phrase}"]).hidden_states
+    prompt = plain.maybe_convert_prompt("a red handwritten digit <erased-concept>", plain.tokenizer)
+    torch.testing.assert_close(encode_prompts(plain, [prompt]).hidden_states, expected, rtol=0, atol=0)
