@@ -83,12 +83,15 @@ def grid_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def erase_once(concept: str | list[str], method: str, seed: int, out: str, args) -> float:
-    """Seconds of the whole `accelerate launch erase/train.py` command (several concepts: one run)."""
+    """Seconds of the whole `accelerate launch erase/train.py` command (several concepts: one run;
+    a method written `salun+adversarial` adds `--adversarial`)."""
     concepts = [concept] if isinstance(concept, str) else concept
+    method, _, variant = method.partition("+")
+    extra = ["--adversarial"] if variant == "adversarial" else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
            "--model", "digits", *[a for c in concepts for a in ("--concept", c)], "--method", method, "--seed", str(seed),
-           "--output-dir", out, "--cache-dir", args.cache_dir]
+           "--output-dir", out, "--cache-dir", args.cache_dir, *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:

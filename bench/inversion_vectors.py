@@ -43,7 +43,7 @@ def recovery(model: str, concept_name: str, vectors: int, steps: int, args) -> d
 
 
 def markdown(result: dict) -> str:
-    steps = result["steps"]
+    steps = sorted({c["steps"] for row in result["rows"] for c in row["cells"]} | set(result["steps"]))
     lines = [
         "# Inversion recovery against token vectors N and steps S (embedded digits model, \"seven\")",
         "",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
+from erase.adversarial import AdversarialSettings, AdversarialTokens, with_adversarial
 from erase.command import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept, merge_concepts
 from erase.conditioning import Conditioning
@@ -41,6 +42,17 @@ class TrainConfig:
     mask_ratio: float | None = field(default=None, metadata={
         "help": "salun: fraction of UNet weights that may move, in (0, 1] (default 0.5; other methods take none)"})
     mask: str | None = field(default=None, metadata={"help": "salun: reuse a saved saliency mask instead of computing one"})
+    adversarial: bool = field(default=False, metadata={
+        "help": "train against concept inversion (erase/adversarial.py): every --adversarial-every steps, "
+                "--adversarial-steps Adam steps on --adversarial-vectors token vectors against the current UNet; the "
+                "forget objective applies to the clean and the adversarial prompts"})
+    adversarial_vectors: int = field(default=4, metadata={"help": "adversarial: token vectors of the inner attack"})
+    adversarial_steps: int = field(default=30, metadata={"help": "adversarial: inner Adam steps per round"})
+    adversarial_every: int = field(default=10, metadata={"help": "adversarial: optimizer steps between rounds"})
+    adversarial_lr: float = field(default=0.01, metadata={"help": "adversarial: inner Adam learning rate"})
+    adversarial_mask: str = field(default="clean", metadata={
+        "help": "adversarial salun: the mask's loss on the clean prompts (clean) or on clean + adversarial (both)",
+        "choices": ("clean", "both")})
     beta: float = field(default=0.1, metadata={"help": "weight of the retain loss (SalUn Eq. 9)"})
     eta: float = field(default=1.0, metadata={"help": "negative guidance of ESD"})
     uce_lambda: float = field(default=0.1, metadata={"help": "uce: weight that keeps each projection near its original"})
@@ -95,6 +107,12 @@ class TrainConfig:
         if min(self.beta, self.eta, self.guidance_scale, self.checkpointing_steps, self.erase_scale, self.preserve_scale) < 0:
             raise ValueError("beta, eta, guidance_scale, checkpointing_steps, erase_scale and preserve_scale must be >= 0")
         check_positive(uce_lambda=self.uce_lambda)
+        if self.adversarial:
+            if self.method == "uce":
+                raise ValueError("--adversarial trains against an attack: uce has no training loop (use salun, rl, esd-x or esd-u)")
+            self.adversarial_settings().check()
+        if self.adversarial_mask not in ("clean", "both"):
+            raise ValueError(f"adversarial-mask must be clean or both, got {self.adversarial_mask!r}")
         check_prompts("forget_prompt", self.forget_prompt)
         check_prompts("anchor_prompt", self.anchor_prompt)
         check_prompts("retain_prompt", self.retain_prompt)
@@ -104,6 +122,10 @@ class TrainConfig:
         check_writable(self.cache_dir, "cache", folder=True)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+    def adversarial_settings(self) -> AdversarialSettings:
+        return AdversarialSettings(vectors=self.adversarial_vectors, steps=self.adversarial_steps, every=self.adversarial_every,
+                                   lr=self.adversarial_lr, batch_size=min(self.train_batch_size, 4))
 
     def resolve_concepts(self) -> list[Concept]:
         """Each concept erased in this run (one, unless --concept is repeated)."""
@@ -130,6 +152,7 @@ class ErasureData:
     retain_latents: torch.Tensor  # (M, 4, h, w)
     retain_prompt: torch.Tensor  # (M,)
     prompt_embeds: Conditioning  # P rows (hidden states (P, 77, D), SDXL's added conditioning); row 0: the empty prompt
+    texts: list[str] = field(default_factory=list)  # the P prompts themselves
 
     def embeds(self, rows: torch.Tensor) -> Conditioning:
         return self.prompt_embeds[rows]
@@ -162,6 +185,7 @@ def prepare_data(pipe, cfg, concepts: Sequence[Concept], accelerator: Accelerato
         retain_latents=encode_images(pipe, retain_images).float(),
         retain_prompt=rows(retain_prompts),
         prompt_embeds=encode_prompts(pipe, distinct, resolution=cfg.resolution).float(),
+        texts=distinct,
     )
 
 
@@ -172,6 +196,7 @@ def batch_for(data: ErasureData, scheduler, cfg, g: torch.Generator) -> tuple[di
     ri = torch.randint(0, n_r, (cfg.train_batch_size,), generator=g, device=g.device).to(data.retain_latents.device)
     forget = noised(scheduler, data.forget_latents[fi], g)
     forget.update(
+        prompt_rows=data.forget_prompt[fi],
         encoder_hidden_states=data.embeds(data.forget_prompt[fi]),
         anchor_hidden_states=data.embeds(data.anchor_prompt[fi]),
         uncond_hidden_states=data.prompt_embeds[:1].expand(len(fi), -1, -1),
@@ -184,9 +209,11 @@ def batch_for(data: ErasureData, scheduler, cfg, g: torch.Generator) -> tuple[di
 # ----------------------------------------------------------------------------- mask
 
 
-def saliency_mask(unet, scheduler, data: ErasureData, cfg, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+def saliency_mask(unet, scheduler, data: ErasureData, cfg, accelerator: Accelerator,
+                  adversarial: Conditioning | None = None) -> dict[str, torch.Tensor]:
     """SalUn Eq. 8 on D_f, each process taking a contiguous shard; gradients are summed
-    across processes inside compute_saliency_mask, so the mask does not depend on their number."""
+    across processes inside compute_saliency_mask, so the mask does not depend on their number.
+    With `adversarial` (one row per forget image), the loss on those conditionings is added."""
     n = len(data.forget_latents)
     shard = range(n)[accelerator.process_index * n // accelerator.num_processes : (accelerator.process_index + 1) * n // accelerator.num_processes]
     idx = list(shard)
@@ -197,10 +224,14 @@ def saliency_mask(unet, scheduler, data: ErasureData, cfg, accelerator: Accelera
     def loss_fn(model, batch_idx):
         x = [noised(scheduler, data.forget_latents[i : i + 1], step_generator(cfg.seed, -1, i, device=device)) for i in batch_idx]
         stack = {k: torch.cat([xi[k] for xi in x]) for k in ("noisy_latents", "timesteps", "target")}
+        uncond = data.prompt_embeds[:1].expand(len(batch_idx), -1, -1)
         with accelerator.autocast():  # gradients land in the fp32 weights' .grad and sum there
-            return saliency_loss(model, stack["noisy_latents"], stack["timesteps"], stack["target"],
-                                 data.embeds(data.forget_prompt[batch_idx]), data.prompt_embeds[:1].expand(len(batch_idx), -1, -1),
-                                 cfg.guidance_scale)
+            loss = saliency_loss(model, stack["noisy_latents"], stack["timesteps"], stack["target"],
+                                 data.embeds(data.forget_prompt[batch_idx]), uncond, cfg.guidance_scale)
+            if adversarial is not None:
+                loss = loss + saliency_loss(model, stack["noisy_latents"], stack["timesteps"], stack["target"],
+                                            adversarial[batch_idx], uncond, cfg.guidance_scale)
+            return loss
 
     # fp16 gradients underflow without a loss scale (GradScaler's initial 2^16); fp32 and bf16 need none
     loss_scale = 2.0**16 if cfg.mixed_precision == "fp16" else 1.0
@@ -250,21 +281,48 @@ def masked_optimizer(unet: torch.nn.Module, mask: dict[str, torch.Tensor], learn
     return optimizer, update
 
 
+def adversarial_rows(adversary: AdversarialTokens, data: ErasureData, cfg) -> Conditioning:
+    """The adversarial conditioning of every prompt row (the forget prompts' captions under the
+    current vectors; other rows are never drawn as forget rows and stay as they are)."""
+    forget_rows = sorted(set(data.forget_prompt.tolist()))
+    adv = adversary.conditioning([data.texts[r] for r in forget_rows], resolution=cfg.resolution).float()
+    index = torch.arange(len(data.texts))
+    index[forget_rows] = torch.arange(len(forget_rows)) + len(data.texts)
+    from erase.conditioning import cat
+
+    return cat([data.prompt_embeds, adv.to(data.prompt_embeds.device)])[index.to(data.prompt_embeds.device)]
+
+
+def attack_round(adversary: AdversarialTokens, data: ErasureData, scheduler, cfg, accelerator: Accelerator, step: int) -> Conditioning:
+    """One inner round against the current UNet; returns the new adversarial rows."""
+    prompts = [data.texts[r] for r in data.forget_prompt.tolist()]
+    adversary.attack(data.forget_latents, prompts, scheduler, cfg.seed, step, accelerator.autocast)
+    return adversarial_rows(adversary, data, cfg)
+
+
 def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, scheduler, cfg, *,
-                frozen_unet=None, first_step: int = 0, after_step: Callable[[int, dict | None], None] | None = None) -> dict[str, float]:
+                frozen_unet=None, first_step: int = 0, after_step: Callable[[int, dict | None], None] | None = None,
+                adversary: AdversarialTokens | None = None) -> dict[str, float]:
     """Optimizer steps first_step + 1 .. cfg.max_train_steps of SalUn (SalUn Eq. 9), or of ESD with a
     frozen teacher. The batches of a step depend only on (seed, step, micro-batch, process), so
-    a resumed run replays them. The mean losses are read from the device every
+    a resumed run replays them. With an `adversary`, every cfg.adversarial_every steps an inner
+    round moves its vectors against the current UNet, and each forget batch is doubled with the
+    adversarial captions (erase/adversarial.py). The mean losses are read from the device every
     cfg.logging_steps (the loop's only host sync) and passed to `after_step(done, logs)` (logs is
     None in between); the last ones are returned."""
     device = accelerator.device
     logs: dict[str, float] = {}
     running: dict[str, torch.Tensor] = {}  # loss sums on the device since the last log
+    adv_rows = adversarial_rows(adversary, data, cfg) if adversary is not None else None  # a resumed run's vectors
     unet.train()
     for step in range(first_step, cfg.max_train_steps):
+        if adversary is not None and step % cfg.adversarial_every == 0:
+            adv_rows = attack_round(adversary, data, scheduler, cfg, accelerator, step)
         for micro in range(cfg.gradient_accumulation_steps):
             g = step_generator(cfg.seed, step, micro, accelerator.process_index, device=device)
             forget, retain = batch_for(data, scheduler, cfg, g)
+            if adv_rows is not None:
+                forget = with_adversarial(forget, adv_rows[forget["prompt_rows"]])
             with accelerator.accumulate(unet), accelerator.autocast():
                 if frozen_unet is not None:
                     loss, terms = esd_loss(unet, frozen_unet, forget, cfg.eta)
@@ -279,6 +337,8 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
         if done % cfg.logging_steps == 0 or done == cfg.max_train_steps:
             count = done - max(first_step, (done - 1) // cfg.logging_steps * cfg.logging_steps)
             logs = fresh = {k: float(v) / count for k, v in running.items()}
+            if adversary is not None and adversary.last_loss is not None:
+                logs["attack_loss"] = adversary.last_loss  # the inner attack's last loss (higher: harder to recover)
             running = {}
         if after_step is not None:
             after_step(done, fresh)

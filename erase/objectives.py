@@ -169,10 +169,13 @@ def esd_loss(
     """ESD (Gandikota et al. 2023, Eq. 2): push eps(x_t, c) towards the frozen model's negatively
     guided prediction eps*(x_t) - eta * (eps*(x_t, c) - eps*(x_t)).
 
-    forget: noisy_latents, timesteps, encoder_hidden_states (c), uncond_hidden_states.
+    forget: noisy_latents, timesteps, encoder_hidden_states (c), uncond_hidden_states; optionally
+    teacher_hidden_states, the teacher's c where the student sees another conditioning (the
+    adversarial erasure's captions: the target still comes from the clean prompt).
     """
     x, t = forget["noisy_latents"], forget["timesteps"]
-    target = esd_target(frozen_unet, x, t, forget["encoder_hidden_states"], forget["uncond_hidden_states"], eta)
+    teacher = forget.get("teacher_hidden_states", forget["encoder_hidden_states"])
+    target = esd_target(frozen_unet, x, t, teacher, forget["uncond_hidden_states"], eta)
     model_pred = unet(x, t, **unet_kwargs(forget["encoder_hidden_states"])).sample
     loss = F.mse_loss(model_pred.float(), target.float())
     return loss, {"forget_loss": loss.detach()}

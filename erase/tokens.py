@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -81,8 +82,9 @@ class PlaceholderTokens:
     """New words for a loaded pipeline whose embeddings are vectors the caller sets (and may optimise):
     every text encoder of the pipeline (two for SDXL) sees `vectors[e][j]` wherever its tokenizer
     produced placeholder j. Prompts keep flowing through the pipeline's own code, so generation,
-    guidance and SDXL's pooled embeddings work unchanged. The pipeline's tokenizers learn the words
-    (harmless); the text encoders get their own token embedding back on exit, untouched.
+    guidance and SDXL's pooled embeddings work unchanged. Inside the block the pipeline's tokenizers
+    are copies that know the words; on exit the pipeline gets its own tokenizers and token
+    embeddings back, untouched (a pipeline saved afterwards knows no placeholder).
 
         with PlaceholderTokens(pipe, ["<a>", "<b>"]) as words:
             words.set([v])  # v: (2, D) for each text encoder
@@ -90,14 +92,22 @@ class PlaceholderTokens:
     """
 
     def __init__(self, pipe, words: Sequence[str]) -> None:
-        self.words = list(words)
-        self.pairs = [(getattr(pipe, t), getattr(pipe, e)) for t, e in
-                      (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+        self.pipe, self.words = pipe, list(words)
+        self.names = [(t, e) for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
                       if getattr(pipe, e, None) is not None]
+        self.pairs = [(getattr(pipe, t), getattr(pipe, e)) for t, e in self.names]
         self.modules: list[_EmbeddingWithPlaceholders] = []
         self._saved: list[tuple[nn.Module, Any]] = []
+        self._tokenizers: dict[str, Any] = {}
 
     def __enter__(self) -> Self:
+        pairs = []
+        for (name, _), (tokenizer, encoder) in zip(self.names, self.pairs, strict=True):
+            self._tokenizers[name] = tokenizer
+            tokenizer = copy.deepcopy(tokenizer)
+            setattr(self.pipe, name, tokenizer)
+            pairs.append((tokenizer, encoder))
+        self.pairs = pairs
         for tokenizer, encoder in self.pairs:
             tokenizer.add_tokens(self.words)
             ids = tokenizer.convert_tokens_to_ids(self.words)
@@ -116,7 +126,10 @@ class PlaceholderTokens:
         for (encoder, eos), module in zip(self._saved, self.modules, strict=True):
             encoder.set_input_embeddings(module.base)
             _pooling_module(encoder).eos_token_id = eos
-        self._saved, self.modules = [], []
+        for name, tokenizer in self._tokenizers.items():
+            setattr(self.pipe, name, tokenizer)
+        self.pairs = [(self._tokenizers[t], getattr(self.pipe, e)) for t, e in self.names]
+        self._saved, self.modules, self._tokenizers = [], [], {}
 
     def embedding_matrices(self) -> list[torch.Tensor]:
         """Each text encoder's (V, D) token embedding weights."""

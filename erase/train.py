@@ -49,9 +49,11 @@ from erase.command import (  # noqa: E402
     versions,
 )
 from erase.concepts import load_concept, merge_concepts  # noqa: E402
+from erase.adversarial import AdversarialTokens  # noqa: E402
 from erase.erasure import (  # noqa: E402
     WEIGHT_DTYPES,
     TrainConfig,
+    attack_round,
     frozen_copy,
     hold_frozen,
     masked_optimizer,
@@ -90,15 +92,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # ----------------------------------------------------------------------------- mask
 
 
-def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging: str, given=None, resume: bool = False) -> dict[str, torch.Tensor]:
-    """The weights this run may change: the saliency mask (salun), all (rl), or ESD's subset."""
+def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging: str, given=None, resume: bool = False,
+                   adversary=None) -> dict[str, torch.Tensor]:
+    """The weights this run may change: the saliency mask (salun), all (rl), or ESD's subset. An
+    adversarial salun run with --adversarial-mask both first attacks the original UNet and adds the
+    loss on the adversarial prompts to the mask's."""
     saved = os.path.join(staging, "saliency_mask.safetensors")
     if resume and os.path.isfile(saved):  # the mask of the interrupted run
         return load_mask(saved, unet)
     if cfg.method == "salun":
         if given is not None:
             return given
-        return {n: m.cpu() for n, m in saliency_mask(unet, scheduler, data, cfg, accelerator).items()}  # 1 byte a weight: off the GPU
+        adversarial = None
+        if adversary is not None and cfg.adversarial_mask == "both":
+            adversarial = attack_round(adversary, data, scheduler, cfg, accelerator, step=-1)[data.forget_prompt]
+        mask = saliency_mask(unet, scheduler, data, cfg, accelerator, adversarial=adversarial)
+        return {n: m.cpu() for n, m in mask.items()}  # 1 byte a weight: off the GPU
     chosen = {n for n, _ in select_parameters(unet, ESD_TARGETS.get(cfg.method, ".*"))}
     return {n: torch.full(p.shape, n in chosen, dtype=torch.bool) for n, p in unet.named_parameters()}
 
@@ -129,11 +138,14 @@ def latest_checkpoint(staging: str, which: str | None) -> str | None:
     return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None
 
 
-def save_checkpoint(accelerator: Accelerator, folder: str) -> None:
+def save_checkpoint(accelerator: Accelerator, folder: str, adversary=None) -> None:
     """save_state into a temporary folder, then rename: a run killed mid-write leaves no
-    half checkpoint for `--resume-from-checkpoint latest` to pick up."""
+    half checkpoint for `--resume-from-checkpoint latest` to pick up. An adversarial run also
+    saves the inner attack's vectors and moments (safetensors)."""
     with shared_output_dir(folder, accelerator) as tmp:
         accelerator.save_state(str(tmp))
+        if adversary is not None and accelerator.is_main_process:
+            adversary.save(tmp)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
@@ -185,12 +197,17 @@ def train(cfg: TrainConfig) -> str:
     start = time.perf_counter()
     originals = hold_frozen(pipe, device, weight_dtype)
     data = prepare_data(pipe, cfg, concepts, accelerator, autocast_dtype)
-    release_frozen(pipe, originals)
+    adversary = None
+    if cfg.adversarial:  # the inner attack encodes its captions: the text encoders stay held until training ends
+        adversary = AdversarialTokens(pipe, cfg.adversarial_settings(), concepts)
+    else:
+        release_frozen(pipe, originals)
     seconds_data = time.perf_counter() - start
     peaks["data"] = peak_memory_gib(device)
 
     start = time.perf_counter()
-    mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask, resume=checkpoint is not None)
+    mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask, resume=checkpoint is not None,
+                          adversary=adversary)
     seconds_mask = time.perf_counter() - start
     peaks["mask"] = peak_memory_gib(device)
     if accelerator.is_main_process:
@@ -209,6 +226,8 @@ def train(cfg: TrainConfig) -> str:
     if checkpoint:
         accelerator.load_state(checkpoint)
         first_step = int(checkpoint.rstrip("/").rsplit("-", 1)[1])
+        if adversary is not None:
+            adversary.load(checkpoint)
         logger.info(f"resumed from {checkpoint}")
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers("erase", config={k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
@@ -221,15 +240,17 @@ def train(cfg: TrainConfig) -> str:
             progress.set_postfix(**{k: f"{v:.4f}" for k, v in logs.items()})
             accelerator.log(logs, step=done)
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-            save_checkpoint(accelerator, os.path.join(staging, "checkpoints", f"checkpoint-{done}"))
+            save_checkpoint(accelerator, os.path.join(staging, "checkpoints", f"checkpoint-{done}"), adversary)
 
     start = time.perf_counter()
     logs = train_steps(accelerator, unet, optimizer, data, scheduler, cfg, frozen_unet=frozen_unet, first_step=first_step,
-                       after_step=after_step)
+                       after_step=after_step, adversary=adversary)
     seconds_train = time.perf_counter() - start
     peaks["train"] = peak_memory_gib(device)
     progress.close()
     update.remove()
+    if adversary is not None:
+        release_frozen(pipe, originals)
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -240,6 +261,10 @@ def train(cfg: TrainConfig) -> str:
             "peak_memory_gib": peaks,
             "resumed_from": checkpoint,
         }
+        if adversary is not None:
+            record["adversarial"] = {"settings": dataclasses.asdict(adversary.settings), "tokens": adversary.tokens,
+                                     "captions": adversary.captions, "last_attack_loss": adversary.last_loss,
+                                     "mask_loss": cfg.adversarial_mask if cfg.method == "salun" else None}
         publish(pipe, staging, cfg, record)
     accelerator.end_training()
     return cfg.output_dir

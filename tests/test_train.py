@@ -125,10 +125,14 @@ def test_esd_trains_its_subset(method: str, touched: str, tiny_sd_path: Path, tm
         assert not any(".attn2." in k for k in moved)
 
 
-@pytest.mark.parametrize("family", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["sd1", "sd1-adversarial", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_path: Path) -> None:
-    model = request.getfixturevalue("tiny_sd_path") if family == "sd1" else request.getfixturevalue("tiny_family_paths")["sdxl"]
+    """Killed after a checkpoint and resumed: the same weights as the uninterrupted run. Adversarial:
+    rounds at steps 0, 3, 6, so a resume at 2 or 4 rebuilds the adversarial prompts from the saved vectors."""
+    model = request.getfixturevalue("tiny_sd_path") if family.startswith("sd1") else request.getfixturevalue("tiny_family_paths")["sdxl"]
     common = ["--concept", "nudity", "--checkpointing-steps", "2"]
+    if family == "sd1-adversarial":
+        common += ["--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", "--adversarial-vectors", "2"]
     args = lambda out: common + small_run(model, out, tmp_path / "cache") + ["--max-train-steps", "8"]  # noqa: E731
     full = run_train(args(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
@@ -151,12 +155,16 @@ def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_run_and_give_the_one_process_mask(tiny_sd_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", [[], ["--adversarial", "--adversarial-mask", "both", "--adversarial-steps", "3"]],
+                         ids=["plain", "adversarial"])
+def test_two_processes_run_and_give_the_one_process_mask(variant: list[str], tiny_sd_path: Path, tmp_path: Path) -> None:
+    """Adversarial with the mask on clean + adversarial prompts: every process runs the same inner
+    attack before the mask, so the mask is still the one process's."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     masks = {}
     for n, extra in [(1, ["--num_processes", "1"]), (2, ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29531"])]:
         out = tmp_path / f"out{n}"
-        proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache")], launcher=launch + extra)
+        proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"), *variant], launcher=launch + extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads((out / "erase_config.json").read_text())["num_processes"] == n
         masks[n] = load_mask(out / "saliency_mask.safetensors")

@@ -1,0 +1,115 @@
+"""erase/adversarial.py and `erase/train.py --adversarial`: the inner attack, the doubled forget batch,
+and what the min-max loop buys on the embedded model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import check_erasure, run_train, small_run
+
+from erase.adversarial import AdversarialSettings, AdversarialTokens, adversarial_captions, with_adversarial
+from erase.concepts import load_concept
+from erase.conditioning import Conditioning
+
+
+def test_captions_put_the_tokens_where_each_concepts_name_was() -> None:
+    seven, red = load_concept("seven"), load_concept("red")
+    captions = adversarial_captions([seven, red], ["a red handwritten digit seven", "a red handwritten digit two"], "<a> <b>")
+    # a prompt both concepts forget takes the first concept's caption; a colour is replaced where it stands
+    assert captions == {"a red handwritten digit seven": "a red handwritten digit <a> <b>",
+                        "a red handwritten digit two": "a <a> <b> handwritten digit two"}
+
+
+def test_the_forget_batch_is_doubled_with_the_clean_prompt_kept_for_the_teacher() -> None:
+    clean, adv, anchor = (Conditioning(torch.full((2, 77, 4), v)) for v in (1.0, 2.0, 3.0))
+    forget = {"noisy_latents": torch.randn(2, 4, 8, 8), "timesteps": torch.tensor([5, 9]), "encoder_hidden_states": clean,
+              "anchor_hidden_states": anchor, "prompt_rows": torch.tensor([1, 1])}
+    doubled = with_adversarial(forget, adv)
+    assert torch.equal(doubled["noisy_latents"], torch.cat([forget["noisy_latents"]] * 2))
+    assert doubled["timesteps"].tolist() == [5, 9, 5, 9]
+    assert doubled["encoder_hidden_states"].hidden_states[:, 0, 0].tolist() == [1, 1, 2, 2]
+    assert doubled["teacher_hidden_states"].hidden_states[:, 0, 0].tolist() == [1, 1, 1, 1]
+    assert doubled["anchor_hidden_states"].hidden_states[:, 0, 0].tolist() == [3, 3, 3, 3]
+
+
+def test_the_inner_attack_lowers_its_loss_on_the_current_weights(digits_pipe) -> None:
+    """Two warm-started rounds lower the denoising loss of the concept's images under the adversarial
+    captions (measured at fixed noise and timesteps); the UNet's weights get no gradient."""
+    from contextlib import nullcontext
+
+    from erase.inversion import denoising_loss
+    from erase.objectives import step_generator, training_scheduler
+    from erase.sd import encode_images, generate
+    from erase.tokens import PlaceholderTokens
+
+    concept = load_concept("seven")
+    prompts = concept.forget
+    latents = encode_images(digits_pipe, generate(digits_pipe, prompts, [0, 1, 2, 3], 10, 5.0))
+    adversary = AdversarialTokens(digits_pipe, AdversarialSettings(vectors=2, steps=20, lr=0.05), [concept])
+    scheduler = training_scheduler(digits_pipe.scheduler)
+
+    @torch.no_grad()
+    def fixed_loss() -> float:
+        with PlaceholderTokens(digits_pipe, adversary.tokens) as place:
+            place.set([v.detach() for v in adversary.vectors])
+            t = torch.tensor([100, 300, 500, 700])
+            return float(denoising_loss(digits_pipe, scheduler, latents, t, [adversary.captions[p] for p in prompts],
+                                        step_generator(5, 5)))
+
+    before = fixed_loss()
+    adversary.attack(latents, prompts, scheduler, seed=0, step=0, autocast=nullcontext)
+    middle = fixed_loss()
+    adversary.attack(latents, prompts, scheduler, seed=0, step=10, autocast=nullcontext)
+    after = fixed_loss()
+    assert after < middle < before, (before, middle, after)
+    assert all(p.grad is None for p in digits_pipe.unet.parameters())
+    rows = adversary.conditioning(prompts[:1])
+    assert rows.hidden_states.shape == (1, 77, digits_pipe.text_encoder.config.hidden_size)
+
+
+@pytest.mark.parametrize("method", ["salun", "esd-x"])
+def test_an_adversarial_run_keeps_masked_out_and_frozen_weights_and_records_its_settings(method: str, tiny_sd_path: Path,
+                                                                                          tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_train(["--concept", "nudity", "--method", method, "--adversarial", "--adversarial-every", "2", "--adversarial-steps", "2",
+                      "--adversarial-vectors", "3", "--logging-steps", "1", *small_run(tiny_sd_path, out, tmp_path / "cache")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_erasure(tiny_sd_path, out)
+    record = json.loads((out / "erase_config.json").read_text())
+    adversarial = record["adversarial"]
+    assert record["config"]["adversarial"] and adversarial["settings"]["vectors"] == 3 and len(adversarial["tokens"]) == 3
+    # "nudity" is not a word of the prompt: the tokens go first
+    assert adversarial["captions"]["a photo of a nude person"] == "<erased-concept-0> <erased-concept-1> <erased-concept-2> a photo of a nude person"
+    assert record["final_losses"]["attack_loss"] > 0
+    from diffusers import StableDiffusionPipeline
+
+    assert len(StableDiffusionPipeline.from_pretrained(out).tokenizer) == len(StableDiffusionPipeline.from_pretrained(tiny_sd_path).tokenizer)
+
+
+@pytest.mark.slow
+def test_after_adversarial_training_the_concept_is_harder_to_invert(tmp_path: Path) -> None:
+    """Same seed, same steps, plain and adversarial SalUn on "seven"; then a fresh two-vector inversion
+    (another seed, other images) against each. Measured at 40 steps: final inversion loss 0.118
+    after plain training, 0.148 after adversarial."""
+    from erase.inversion import InversionSettings, inversion_captions, train_inversion
+    from erase.sd import encode_images, generate, load_pipeline
+
+    losses = {}
+    original = load_pipeline("digits")
+    prompts = load_concept("seven").forget
+    images = generate(original, prompts, [100, 101, 102, 103], 25, 5.0)
+    for name, extra in (("plain", []), ("adversarial", ["--adversarial", "--adversarial-every", "5"])):
+        out = tmp_path / name
+        proc = run_train(["--model", "digits", "--concept", "seven", "--max-train-steps", "40", "--output-dir", str(out),
+                          "--cache-dir", str(tmp_path / "cache"), "--checkpointing-steps", "0", *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        pipe = load_pipeline(str(out))
+        for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+            part.requires_grad_(False)
+        settings = InversionSettings(steps=150, batch_size=4, lr=0.02, vectors=2, seed=3)
+        _, trace = train_inversion(pipe, encode_images(pipe, images), inversion_captions(prompts, "seven", settings.phrase), settings)
+        losses[name] = trace[-1]
+    assert losses["adversarial"] > 1.1 * losses["plain"], losses
