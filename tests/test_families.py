@@ -73,6 +73,24 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("family", ["sdxl", pytest.param("sd2", marks=pytest.mark.slow)])
+def test_adversarial_erasure_runs_on_each_family(family: str, tiny_family_paths, tmp_path: Path) -> None:
+    """The inner attack's placeholder words live in every text encoder (both of SDXL's); the
+    published pipeline knows none of them."""
+    from diffusers import DiffusionPipeline
+
+    original, out = tiny_family_paths[family], tmp_path / "out"
+    proc = erase(original, out, "salun", "--beta", "0", "--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_output(original, out, SDXL_FROZEN if family == "sdxl" else ["vae", "text_encoder"], "salun")
+    record = json.loads((out / "erase_config.json").read_text())
+    assert record["adversarial"]["settings"]["vectors"] == 4 and record["final_losses"]["attack_loss"] > 0
+    pipe, before = DiffusionPipeline.from_pretrained(out), DiffusionPipeline.from_pretrained(original)
+    assert len(pipe.tokenizer) == len(before.tokenizer)
+    if family == "sdxl":
+        assert len(pipe.tokenizer_2) == len(before.tokenizer_2)
+
+
 @pytest.mark.parametrize("family, method", CASES)
 def test_each_method_erases_each_family(family: str, method: str, tiny_family_paths, tmp_path: Path) -> None:
     original, out = tiny_family_paths[family], tmp_path / "out"

@@ -1,0 +1,199 @@
+"""Robustness of each erasure to the attacks, plain against `--adversarial`, on the embedded digits model.
+
+For each concept, method (salun, rl, esd-x, esd-u) and variant (plain, adversarial) and seed:
+erase with `accelerate launch erase/train.py --model digits --concept C --method M [--adversarial]
+--seed S` (timed, its peak resident memory read from the finished process), then
+- the rate at which the erased model still shows the concept and the retained digit and colour
+  accuracy (bench/erase_digits.py's `score`: 40 template prompts and the held-out paraphrases);
+- FID on the digits classifier's features between the original's and the erased model's images
+  of the 40 template prompts (same seeds);
+- UnlearnDiffAtk's ASR and concept-inversion recovery at N = 1, 4, 8 token vectors, each learning
+  from the original's images at other seeds (`--inversion-heldout`), through eval.attack.run_attack
+  (what `python -m eval attack` runs), on 8 prompts of the concept, one image each.
+The sweeps are reduced so that the grid fits on 2 CPU cores (the defaults below; the table says
+which); `--headline` reruns the inversion with more steps on the first concept's salun cells.
+
+    python bench/robust_digits.py --out bench/results/robust_digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from erase.concepts import load_concept
+from erase.digits import COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DIGIT_WORDS, load_digits_classifier, prompt_for
+from erase.sd import generate, load_pipeline
+from eval.attack import AttackOptions, run_attack
+from eval.fid import fid_from_images, make_fid
+from eval.generate import Sample
+from eval.judges import judge_for
+
+from common import machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
+from erase_digits import ROOT, erasure_metrics, score  # the same scoring as bench/erase_digits.py
+
+
+def erase(concept: str, method: str, adversarial: bool, seed: int, out: str, args) -> dict:
+    """The whole command's seconds and its peak resident memory (GiB, from the finished process)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
+           "--model", "digits", "--concept", concept, "--method", method, "--seed", str(seed),
+           "--output-dir", out, "--cache-dir", args.cache_dir, *(["--adversarial"] if adversarial else []), *args.erase_args.split()]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise RuntimeError(f"erasure failed: {err.read()[-2000:]}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_gib": usage.ru_maxrss / 2**20}
+
+
+def retained(concept: str, after: dict) -> dict[str, float]:
+    """Mean accuracy on the digits and on the colours, each without the concept's own class."""
+    target = load_concept(concept).target
+    digits = [a for d, a in after["digit_accuracy"].items() if int(d) != target.get("digit")]
+    colours = [a for c, a in after["colour_accuracy"].items() if c != target.get("colour")]
+    return {"retained_digits": statistics.fmean(digits), "retained_colours": statistics.fmean(colours)}
+
+
+def template_images(model: str, n: int) -> list[np.ndarray]:
+    pipe = load_pipeline(model)
+    prompts = [prompt_for(d, c) for d in range(len(DIGIT_WORDS)) for c in COLOURS for _ in range(n)]
+    seeds = [s for _ in range(len(DIGIT_WORDS) * len(COLOURS)) for s in range(n)]
+    return [np.asarray(im) for im in generate(pipe, prompts, seeds, DEFAULT_STEPS, DEFAULT_GUIDANCE)]
+
+
+def attacks(model: str, concept_name: str, steps: int, vectors: list[int], args) -> dict:
+    """UnlearnDiffAtk's ASR and the inversion's recovery at each N (library code paths)."""
+    concept = load_concept(concept_name)
+    prompts = list(dict.fromkeys(concept.forget + concept.eval))[: args.prompts]
+    samples = [Sample(i, p, i, DEFAULT_GUIDANCE) for i, p in enumerate(prompts)]
+    judge = judge_for(concept)
+    out = {}
+    if args.uda_iterations:
+        opts = AttackOptions(attack="unlearndiffatk", k=args.k, iterations=args.uda_iterations, timesteps=args.uda_timesteps,
+                             weight_decay=0.0, num_inference_steps=DEFAULT_STEPS, seed=args.attack_seed)
+        report = run_attack("digits", model, samples, judge, opts, concept_name=concept.name, grid_prompts=0)
+        out["unlearndiffatk_asr"] = report["asr"]
+        out["before_attack"] = report["asr_parts"]["before_attack"]
+    for n in vectors:
+        opts = AttackOptions(attack="inversion", inversion_vectors=n, inversion_steps=steps, inversion_heldout=True,
+                             num_inference_steps=DEFAULT_STEPS, seed=args.attack_seed)
+        report = run_attack("digits", model, samples, judge, opts, concept_name=concept.name, grid_prompts=0)
+        out[f"recovery_n{n}"] = report["recovery"]
+        out.setdefault("before_attack", report["asr_parts"]["before_attack"])
+    return out
+
+
+def markdown(result: dict) -> str:
+    p = result["protocol"]
+    vec = p["vectors"]
+    lines = [
+        "# Erasures under attack on the embedded digits model: plain against `--adversarial`",
+        "",
+        f"Rates in %, mean ± std over the seeds run. Shown: the concept's template prompts ({p['images_per_prompt']} images each)"
+        " / its held-out paraphrases.",
+        "Retained: mean accuracy on the digits / the colours other than the concept's own. FID: digits-classifier features, the original's",
+        f"images of the 40 template prompts ({p['fid_images_per_prompt']} seeds each) against the erased model's, same seeds.",
+        f"UnlearnDiffAtk (reduced: k = {p['k']}, {p['uda_timesteps']} timesteps x {p['uda_iterations']} iterations) and",
+        f"concept inversion ({p['inversion_steps']} steps, learned from other seeds) on {p['prompts']} prompts of the concept.",
+        "Time: the whole erasure command; memory: its peak resident set.",
+        "",
+        "| concept | method | seeds | shown: template / paraphrases | retained: digits / colours | FID | UnlearnDiffAtk ASR | "
+        + " | ".join(f"inversion N = {n}" for n in vec) + " | time (s) | peak RSS (GiB) |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(vec) + "---|---|",
+    ]
+    for row in result["rows"]:
+        runs = row["runs"]
+        if not runs:
+            continue
+        pct = lambda key: mean_std_text([100 * r[key] for r in runs]) if all(key in r for r in runs) else "–"  # noqa: E731
+        num = lambda key: mean_std_text([r[key] for r in runs]) if all(key in r for r in runs) else "–"  # noqa: E731
+        lines.append(
+            f"| {row['concept']} | {row['method']} | {len(runs)} | {pct('template_rate_after')} / {pct('paraphrase_rate_after')} | "
+            f"{pct('retained_digits')} / {pct('retained_colours')} | {num('fid')} | {pct('unlearndiffatk_asr')} | "
+            + " | ".join(pct(f"recovery_n{n}") for n in vec) + f" | {num('seconds')} | {num('peak_rss_gib')} |")
+    if result.get("headline"):
+        h = result["headline"]
+        lines += ["", f"**Saturated inversion** ({h['steps']} steps, learned from other seeds, seed 0 erasures of "
+                  f"`{h['concept']}`): recovery in % by N.", "",
+                  "| model | " + " | ".join(f"N = {n}" for n in h["vectors"]) + " |", "|---|" + "---|" * len(h["vectors"])]
+        for name, cells in h["rows"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * cells[f'recovery_n{n}']:.1f}" for n in h["vectors"]) + " |")
+    lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concepts", nargs="+", default=["seven", "red", "three"])
+    parser.add_argument("--methods", nargs="+", default=["salun", "esd-x", "rl", "esd-u"])
+    parser.add_argument("--seeds", nargs="+", default=["salun=3", "esd-x=3"], help="METHOD=N seeds (others: 1)")
+    parser.add_argument("--images-per-prompt", type=int, default=2)
+    parser.add_argument("--fid-images-per-prompt", type=int, default=4, help="160 images: more than the 128 features")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--uda-iterations", type=int, default=10, help="0: skip UnlearnDiffAtk")
+    parser.add_argument("--uda-timesteps", type=int, default=3)
+    parser.add_argument("--inversion-steps", type=int, default=300)
+    parser.add_argument("--vectors", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--headline", type=int, default=1000, help="inversion steps of the headline rerun (0: none)")
+    parser.add_argument("--attack-seed", type=int, default=0)
+    parser.add_argument("--erase-args", default="", help="extra erase/train.py flags for every erasure (a quick check)")
+    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
+    parser.add_argument("--out", default="bench/results/robust_digits.json")
+    args = parser.parse_args()
+    seeds = {m: 1 for m in args.methods} | {k: int(v) for k, v in (s.split("=") for s in args.seeds)}
+    start = time.perf_counter()
+    classifier = load_digits_classifier()
+    n = args.images_per_prompt
+    before = score("digits", args.concepts, n, classifier)
+    fid_metric, fid_name = make_fid("digits", sync_on_compute=False)
+    reference = template_images("digits", args.fid_images_per_prompt)
+    rows: list[dict] = []
+    result: dict = {}
+
+    def save() -> None:
+        result.update({"protocol": {k: getattr(args, k) for k in ("images_per_prompt", "fid_images_per_prompt", "prompts", "k", "uda_iterations", "uda_timesteps",
+                                                                    "inversion_steps", "vectors", "attack_seed")} | {"fid_features": fid_name},
+                       "seeds": seeds, "before": before, "rows": rows, "wall_seconds": time.perf_counter() - start, "machine": machine()})
+        save_results(result, args.out, markdown(result))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for concept in args.concepts:
+            for method in args.methods:
+                for adversarial in (False, True):
+                    row = {"concept": concept, "method": method + (" + adversarial" if adversarial else ""), "runs": []}
+                    rows.append(row)
+                    for seed in range(seeds[method]):
+                        out = os.path.join(tmp, f"{concept}-{method}-{int(adversarial)}-{seed}")
+                        run = {"seed": seed, **erase(concept, method, adversarial, seed, out, args)}
+                        after = score(out, [concept], n, classifier)
+                        run |= erasure_metrics(concept, before, after)
+                        run |= retained(concept, after)
+                        run["fid"] = fid_from_images(fid_metric, template_images(out, args.fid_images_per_prompt), reference)
+                        run |= attacks(out, concept, args.inversion_steps, args.vectors, args)
+                        row["runs"].append(run)
+                        save()
+                        print(concept, row["method"], seed, {k: round(v, 3) for k, v in run.items() if isinstance(v, float)}, flush=True)
+                        if args.headline and concept == args.concepts[0] and method == "salun" and seed == 0:
+                            headline = result.setdefault("headline", {"concept": concept, "steps": args.headline,
+                                                                      "vectors": args.vectors, "rows": {}})
+                            cells = attacks(out, concept, args.headline, args.vectors, argparse.Namespace(**{**vars(args), "uda_iterations": 0}))
+                            headline["rows"][row["method"]] = cells
+                            save()
+                            print("headline", row["method"], cells, flush=True)
+    print(Path(args.out).with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
