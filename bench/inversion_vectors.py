@@ -25,7 +25,7 @@ from eval.attack import AttackOptions, run_attack
 from eval.generate import Sample
 from eval.judges import judge_for
 
-from common import machine, save_results  # bench/common.py (the scripts run from bench/)
+from common import line_plot, machine, save_results  # bench/common.py (the scripts run from bench/)
 from erase_digits import erase_once  # the same erasures as bench/erase_digits.py
 
 
@@ -59,8 +59,21 @@ def markdown(result: dict) -> str:
         cells = [f"{100 * by_steps[s]['recovery']:.1f}" if s in by_steps else "not run" for s in steps]
         last = by_steps.get(max(steps))
         lines.append(f"| {row['model']} | {row['vectors']} | " + " | ".join(cells) + f" | {last['train_seconds'] if last else '-'} |")
-    lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
+    lines += ["", "![recovery against N](inversion_vectors.png)", "",
+              f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Recovery against N at the largest S, one line per model (bench/results/inversion_vectors.png)."""
+    top = max(result["steps"])
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in result["rows"]:
+        for cell in row["cells"]:
+            if cell["steps"] == top and row["model"] != "unerased (sanity)":
+                series.setdefault(row["model"], []).append((row["vectors"], 100 * cell["recovery"]))
+    if series:
+        line_plot(series, path, "token vectors N", f"recovery % (S = {top})")
 
 
 def main() -> None:
@@ -81,6 +94,7 @@ def main() -> None:
         result = {"prompts": args.prompts, "seed": args.seed, "steps": sorted(args.steps), "rows": rows,
                   "wall_seconds": time.perf_counter() - start, "machine": machine()}
         save_results(result, args.out, markdown(result))
+        plot(result, Path(args.out).with_suffix(".png"))
 
     rows.append({"model": "unerased (sanity)", "vectors": 1, "cells": [recovery("digits", "seven", 1, args.unerased_steps, args)]})
     save()

@@ -37,7 +37,7 @@ from eval.fid import fid_from_images, make_fid
 from eval.generate import Sample
 from eval.judges import judge_for
 
-from common import machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
+from common import line_plot, machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
 from erase_digits import ROOT, erasure_metrics, score  # the same scoring as bench/erase_digits.py
 
 
@@ -129,8 +129,17 @@ def markdown(result: dict) -> str:
                   "| model | " + " | ".join(f"N = {n}" for n in h["vectors"]) + " |", "|---|" + "---|" * len(h["vectors"])]
         for name, cells in h["rows"].items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * cells[f'recovery_n{n}']:.1f}" for n in h["vectors"]) + " |")
+        lines += ["", f"![recovery against N]({Path(result.get('out', 'robust_digits.json')).with_suffix('.png').name})"]
     lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
+
+
+def plot_headline(result: dict, path: Path) -> None:
+    """The headline's recovery against N, one line per model (beside the table)."""
+    h = result.get("headline")
+    if h and h["rows"]:
+        line_plot({name: [(n, 100 * cells[f"recovery_n{n}"]) for n in h["vectors"]] for name, cells in h["rows"].items()},
+                  path, "token vectors N", f"recovery % ({h['steps']} steps)")
 
 
 def main() -> None:
@@ -163,10 +172,11 @@ def main() -> None:
     result: dict = {}
 
     def save() -> None:
-        result.update({"protocol": {k: getattr(args, k) for k in ("images_per_prompt", "fid_images_per_prompt", "prompts", "k", "uda_iterations", "uda_timesteps",
+        result.update({"out": args.out, "protocol": {k: getattr(args, k) for k in ("images_per_prompt", "fid_images_per_prompt", "prompts", "k", "uda_iterations", "uda_timesteps",
                                                                     "inversion_steps", "vectors", "attack_seed")} | {"fid_features": fid_name},
                        "seeds": seeds, "before": before, "rows": rows, "wall_seconds": time.perf_counter() - start, "machine": machine()})
         save_results(result, args.out, markdown(result))
+        plot_headline(result, Path(args.out).with_suffix(".png"))
 
     with tempfile.TemporaryDirectory() as tmp:
         for concept in args.concepts:

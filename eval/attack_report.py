@@ -64,8 +64,12 @@ def _reached(record: dict, judge: Judge, name: str) -> bool:
     return bool(record.get("final", {}).get("shown", {}).get(name, False))
 
 
+ATTACK_GRID_COLUMNS = ("original", "erased", "under attack")
+
+
 def attack_grid(report: dict, max_prompts: int = 8):
-    """Rows: the original's target image, the erased model's image, the erased model under attack."""
+    """Rows: the original's target image, the erased model's image, the erased model under attack
+    (the columns say so)."""
     from eval.report import image_grid
 
     rows, labels = [], []
@@ -75,7 +79,7 @@ def attack_grid(report: dict, max_prompts: int = 8):
         blank = np.full_like(images[0], 255)
         rows.append([im if im is not None else blank for im in images])
         labels.append(f"#{record['index']} {'hit' if record.get('attacked') or record['before']['shown'][report['judge']['deciding']] else 'miss'}")
-    return image_grid(rows, labels) if rows else None
+    return image_grid(rows, labels, column_titles=ATTACK_GRID_COLUMNS) if rows else None
 
 
 def attack_markdown(report: dict) -> str:
@@ -94,5 +98,6 @@ def attack_markdown(report: dict) -> str:
     given = report.get("num_prompts_given", report["num_prompts"])
     kept = f" (of {given}: those the original model shows)" if given != report["num_prompts"] else ""
     lines += ["", f"{report['num_prompts']} prompts{kept}, {report['seconds_per_prompt']:.1f} s per prompt.",
-              "Grid columns: the original model's target image, the erased model's image, the erased model under attack."]
+              "Grid columns: the original model's target image (original), the erased model's image (erased), the erased "
+              "model's image under attack (under attack)."]
     return "\n".join(lines) + "\n"

@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["CompareOptions", "compare", "compare_markdown", "image_grid"]
 
 
-def image_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], cell: int = 96) -> Image.Image:
-    """Rows of image lists as one image: a label left of each row, column numbers (from 1) on top."""
+def image_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], cell: int = 96,
+               column_titles: Sequence[str] | None = None) -> Image.Image:
+    """Rows of image lists as one image: a label left of each row, and on top each column's title
+    (default: its number, from 1)."""
     from PIL import ImageDraw
 
     label_width, pad, header = 80, 2, 14
@@ -40,7 +42,9 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], 
     grid = Image.new("RGB", (label_width + columns * (cell + pad), header + len(rows) * (cell + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for c in range(columns):
-        draw.text((label_width + c * (cell + pad) + cell // 2 - 4, 1), str(c + 1), fill="black")
+        title = column_titles[c] if column_titles else str(c + 1)
+        width = draw.textlength(title)
+        draw.text((label_width + c * (cell + pad) + max(0, (cell - width) // 2), 1), title, fill="black")
     for r, (row, label) in enumerate(zip(rows, row_labels, strict=True)):
         y = header + r * (cell + pad)
         draw.text((4, y + cell // 2 - 6), label, fill="black")

@@ -90,3 +90,20 @@ def test_each_erased_concept_on_its_own_and_the_retained_rest(tmp_path):
     markdown = compare_markdown(report)
     assert "Erased concepts `seven`, `red` (digit = 7; colour = red)" in markdown
     assert "images without any of them (27)" in markdown and markdown.count("its images still showing") == 2
+
+
+def test_grid_columns_carry_their_titles():
+    """The attack grid's columns say what they hold (original, erased, under attack), not 1, 2, 3."""
+    from eval.attack_report import ATTACK_GRID_COLUMNS
+    from eval.report import image_grid
+
+    rows = [[np.full((16, 16, 3), v, np.uint8) for v in (0, 100, 200)]]
+    numbered, titled = image_grid(rows, ["#0 hit"]), image_grid(rows, ["#0 hit"], column_titles=ATTACK_GRID_COLUMNS)
+    assert numbered.size == titled.size
+    header = lambda im: np.asarray(im)[:14]  # noqa: E731
+    assert not np.array_equal(header(numbered), header(titled)) and (header(titled) < 128).any()
+    assert np.array_equal(np.asarray(numbered)[14:], np.asarray(titled)[14:])  # the images themselves are untouched
+    width = 96 + 2
+    for c, title in enumerate(ATTACK_GRID_COLUMNS):  # each title's ink stays over its own column
+        ink = np.nonzero((header(titled)[:, 80 + c * width : 80 + (c + 1) * width] < 128).any(axis=(0, 2)))[0]
+        assert len(ink), title
