@@ -30,8 +30,47 @@ def small_run(model: Path, out: Path, cache: Path, *extra: str) -> list[str]:
 
 
 def run_train(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + [TRAIN, *args]
+    """erase/train.py with `args`: under `launcher` in its own process(es), else in this process
+    (the same main, without the seconds of importing torch and diffusers again)."""
+    if launcher is None:
+        return train_in_process(args)
+    cmd = launcher + [TRAIN, *args]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`erase.train.main(args)` with its stdout, stderr and log records captured, on a fresh
+    Accelerate state (a run may ask for another mixed precision than the last one)."""
+    import contextlib
+    import io
+    import logging
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from erase.train import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    saved = {k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU",)}
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as stop:
+                rc = stop.code
+    finally:
+        root.removeHandler(handler)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return subprocess.CompletedProcess(["erase/train.py", *args], rc, out.getvalue(), err.getvalue())
 
 
 def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
