@@ -62,6 +62,7 @@ from erase.erasure import (  # noqa: E402
     saliency_mask,
     train_steps,
 )
+from erase.masked_adam import optimizer_state_bytes  # noqa: E402
 from erase.objectives import ESD_TARGETS, training_scheduler  # noqa: E402
 from erase.saliency import (  # noqa: E402
     load_mask,
@@ -217,7 +218,7 @@ def train(cfg: TrainConfig) -> str:
     frozen_unet = frozen_copy(unet, weight_dtype) if cfg.method.startswith("esd") else None
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer, update = masked_optimizer(unet, mask, cfg.learning_rate)
+    optimizer, update = masked_optimizer(unet, mask, cfg.learning_rate, cfg.optimizer_state)
     kept = mask_fraction(mask)
     del mask  # MaskedUpdate holds it bit-packed
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -248,7 +249,8 @@ def train(cfg: TrainConfig) -> str:
     seconds_train = time.perf_counter() - start
     peaks["train"] = peak_memory_gib(device)
     progress.close()
-    update.remove()
+    if update is not None:
+        update.remove()
     if adversary is not None:
         release_frozen(pipe, originals)
     accelerator.wait_for_everyone()
@@ -260,6 +262,7 @@ def train(cfg: TrainConfig) -> str:
             "seconds": {"data": seconds_data, "mask": seconds_mask, "train": seconds_train},
             "peak_memory_gib": peaks,
             "resumed_from": checkpoint,
+            "optimizer": {"state": cfg.optimizer_state, "state_bytes": optimizer_state_bytes(optimizer)},
         }
         if adversary is not None:
             record["adversarial"] = {"settings": dataclasses.asdict(adversary.settings), "tokens": adversary.tokens,

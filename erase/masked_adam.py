@@ -1,0 +1,78 @@
+"""Adam with moments for the salient weights only.
+
+SalUn moves only the weights its mask lets move, yet a dense Adam keeps two fp32 moments for
+every weight of every tensor that has one such weight: at mask ratio 0.5 half of that state is
+zeros forever. `MaskedAdam` keeps the moments of the mask==1 entries alone, packed in the order of
+`tensor[mask]`, and holds each mask bit-packed (1 bit per weight), so its state is about half of
+Adam's at ratio 0.5 (4.125 bytes per weight instead of 8).
+
+Its arithmetic is torch.optim.Adam's single-tensor path (what runs on the CPU), element by element:
+the masked entries get exactly the update dense Adam gives them under a masked gradient (the
+mask==0 ones, whose moments stay 0, never move), to the last bit on the CPU. Mask==0 weights are
+never written. No weight decay: SalUn's Adam has none, and decay would move frozen weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from erase.saliency import check_mask_matches, pack_bits, unpack_bits
+
+__all__ = ["MaskedAdam", "optimizer_state_bytes"]
+
+
+class MaskedAdam(torch.optim.Optimizer):
+    def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        check_mask_matches(mask, model)
+        named = dict(model.named_parameters())
+        params = [named[n] for n, m in mask.items() if bool(m.any())]
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        # the bits live outside `state`: a checkpoint holds the moments, the mask file the mask
+        self._packed = {named[n]: pack_bits(m.to(named[n].device)) for n, m in mask.items() if bool(m.any())}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps = group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                chosen = unpack_bits(self._packed[p], p.shape)
+                grad = p.grad[chosen]
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                # torch.optim.Adam's single-tensor update, on the packed entries
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step = state["step"].item()
+                bias_correction1 = 1 - beta1**step
+                bias_correction2 = 1 - beta2**step
+                step_size = lr / bias_correction1
+                denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+                values = p[chosen]
+                values.addcdiv_(exp_avg, denom, value=-step_size)
+                p.masked_scatter_(chosen, values)
+        return loss
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (moments and step counters; for MaskedAdam
+    also its packed masks)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    total = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    if isinstance(optimizer, MaskedAdam):
+        total += sum(t.numel() * t.element_size() for t in optimizer._packed.values())
+    return total
