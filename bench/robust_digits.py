@@ -65,10 +65,10 @@ def retained(concept: str, after: dict) -> dict[str, float]:
     return {"retained_digits": statistics.fmean(digits), "retained_colours": statistics.fmean(colours)}
 
 
-def template_images(model: str, n: int) -> list[np.ndarray]:
+def template_images(model: str, n: int, first_seed: int = 0) -> list[np.ndarray]:
     pipe = load_pipeline(model)
     prompts = [prompt_for(d, c) for d in range(len(DIGIT_WORDS)) for c in COLOURS for _ in range(n)]
-    seeds = [s for _ in range(len(DIGIT_WORDS) * len(COLOURS)) for s in range(n)]
+    seeds = [first_seed + s for _ in range(len(DIGIT_WORDS) * len(COLOURS)) for s in range(n)]
     return [np.asarray(im) for im in generate(pipe, prompts, seeds, DEFAULT_STEPS, DEFAULT_GUIDANCE)]
 
 
@@ -103,7 +103,8 @@ def markdown(result: dict) -> str:
         f"Rates in %, mean ± std over the seeds run. Shown: the concept's template prompts ({p['images_per_prompt']} images each)"
         " / its held-out paraphrases.",
         "Retained: mean accuracy on the digits / the colours other than the concept's own. FID: digits-classifier features, the original's",
-        f"images of the 40 template prompts ({p['fid_images_per_prompt']} seeds each) against the erased model's, same seeds.",
+        f"images of the 40 template prompts ({p['fid_images_per_prompt']} seeds each) against the erased model's, same seeds"
+        + (f" (the original against itself at other seeds: {result['fid_floor']:.1f})." if "fid_floor" in result else "."),
         f"UnlearnDiffAtk (reduced: k = {p['k']}, {p['uda_timesteps']} timesteps x {p['uda_iterations']} iterations) and",
         f"concept inversion ({p['inversion_steps']} steps, learned from other seeds) on {p['prompts']} prompts of the concept.",
         "Time: the whole erasure command; memory: its peak resident set.",
@@ -168,13 +169,15 @@ def main() -> None:
     before = score("digits", args.concepts, n, classifier)
     fid_metric, fid_name = make_fid("digits", sync_on_compute=False)
     reference = template_images("digits", args.fid_images_per_prompt)
+    # the floor: the original against itself at other seeds (what FID reads for no change at all)
+    fid_floor = fid_from_images(fid_metric, template_images("digits", args.fid_images_per_prompt, first_seed=1000), reference)
     rows: list[dict] = []
     result: dict = {}
 
     def save() -> None:
         result.update({"out": args.out, "protocol": {k: getattr(args, k) for k in ("images_per_prompt", "fid_images_per_prompt", "prompts", "k", "uda_iterations", "uda_timesteps",
                                                                     "inversion_steps", "vectors", "attack_seed")} | {"fid_features": fid_name},
-                       "seeds": seeds, "before": before, "rows": rows, "wall_seconds": time.perf_counter() - start, "machine": machine()})
+                       "seeds": seeds, "before": before, "fid_floor": fid_floor, "rows": rows, "wall_seconds": time.perf_counter() - start, "machine": machine()})
         save_results(result, args.out, markdown(result))
         plot_headline(result, Path(args.out).with_suffix(".png"))
 
