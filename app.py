@@ -74,8 +74,9 @@ def example_prompts(original: str, erased: str | None = None, limit: int = 8) ->
     """The erased concept's prompts first (from the erased model's erase_config.json), then a forget
     prompt and a held-out wording of each concept file that fits the model's kind."""
     prompts: list[str] = []
-    for i, concept in enumerate(erased_concepts(erased)):  # one erased concept: two of its prompts, else one of each
-        prompts += [p for p in concept["forget"][: 2 if i == 0 and len(prompts) == 0 else 1] + concept.get("eval", [])[:1]
+    erased_ones = erased_concepts(erased)
+    for concept in erased_ones:  # one erased concept: two of its prompts and a held-out wording; several: one of each
+        prompts += [p for p in concept["forget"][: 2 if len(erased_ones) == 1 else 1] + concept.get("eval", [])[:1]
                     if p not in prompts]
     kind = model_kind(original)
     files = {name: path for name, path in available_concepts().items() if concept_file_model(path) == kind}

@@ -1,6 +1,7 @@
 """Robustness of each erasure to the attacks, plain against `--adversarial`, on the embedded digits model.
 
-For each concept, method (salun, rl, esd-x, esd-u) and variant (plain, adversarial) and seed:
+For each concept, method (salun, rl, esd-x, esd-u; uce, which has no training loop, plain only) and
+variant (plain, adversarial) and seed:
 erase with `accelerate launch erase/train.py --model digits --concept C --method M [--adversarial]
 --seed S` (timed, its peak resident memory read from the finished process), then
 - the rate at which the erased model still shows the concept and the retained digit and colour
@@ -146,7 +147,7 @@ def plot_headline(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concepts", nargs="+", default=["seven", "red", "three"])
-    parser.add_argument("--methods", nargs="+", default=["salun", "esd-x", "rl", "esd-u"])
+    parser.add_argument("--methods", nargs="+", default=["salun", "esd-x", "rl", "esd-u", "uce"])
     parser.add_argument("--seeds", nargs="+", default=["salun=3", "esd-x=3"], help="METHOD=N seeds (others: 1)")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--fid-images-per-prompt", type=int, default=4, help="160 images: more than the 128 features")
@@ -184,7 +185,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for concept in args.concepts:
             for method in args.methods:
-                for adversarial in (False, True):
+                for adversarial in (False, True) if method != "uce" else (False,):  # uce has no loop to attack
                     row = {"concept": concept, "method": method + (" + adversarial" if adversarial else ""), "runs": []}
                     rows.append(row)
                     for seed in range(seeds[method]):

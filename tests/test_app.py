@@ -51,10 +51,11 @@ def erased_seven(tmp_path_factory) -> Path:
     """"seven" erased from the embedded model with a short SalUn run (about half a minute)."""
     tmp = tmp_path_factory.mktemp("app")
     out = tmp / "seven-erased"
-    cmd = [sys.executable, str(ROOT / "erase" / "train.py"), "--model", "digits", "--concept", "seven",
-           "--num-images", "16", "--max-train-steps", "40", "--learning-rate", "2e-4", "--train-batch-size", "8",
-           "--saliency-batch-size", "16", "--output-dir", str(out), "--cache-dir", str(tmp / "cache")]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    from test_train import train_in_process
+
+    proc = train_in_process(["--model", "digits", "--concept", "seven", "--num-images", "16", "--max-train-steps", "40",
+                             "--learning-rate", "2e-4", "--train-batch-size", "8", "--saliency-batch-size", "16",
+                             "--output-dir", str(out), "--cache-dir", str(tmp / "cache")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -154,6 +155,23 @@ def test_example_prompts_come_from_the_concept_files() -> None:
     examples = app.example_prompts("digits")
     assert "a red handwritten digit zero" in examples and not any("nude" in p for p in examples)
     assert any("nude" in p for p in app.example_prompts("CompVis/stable-diffusion-v1-4"))
+
+
+def test_a_folder_that_erased_several_concepts_leads_with_a_prompt_of_each(tmp_path) -> None:
+    import json
+
+    from erase.concepts import load_concept
+
+    seven, red = load_concept("seven"), load_concept("red")
+    erased = tmp_path / "two"
+    erased.mkdir()
+    (erased / "erase_config.json").write_text(json.dumps({
+        "config": {"pretrained_model_name_or_path": "digits"}, "concept": {"name": "seven+red"},
+        "concepts": [{"name": "seven", "forget": seven.forget, "eval": seven.eval}, {"name": "red", "forget": red.forget, "eval": red.eval}]}))
+    assert [c["name"] for c in app.erased_concepts(str(erased))] == ["seven", "red"]
+    examples = app.example_prompts("digits", str(erased))
+    assert examples[:4] == [seven.forget[0], seven.eval[0], red.forget[0], red.eval[0]], examples
+    assert app.erased_concepts(str(tmp_path / "none")) == []
 
 
 @pytest.mark.skipif(find_chromium() is None and not os.environ.get("CI"),
