@@ -194,11 +194,13 @@ def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("variant", [[], ["--adversarial", "--adversarial-mask", "both", "--adversarial-steps", "3"]],
+@pytest.mark.parametrize("variant", [pytest.param([], marks=pytest.mark.slow),
+                                     ["--adversarial", "--adversarial-mask", "both", "--adversarial-steps", "3"]],
                          ids=["plain", "adversarial"])
 def test_two_processes_run_and_give_the_one_process_mask(variant: list[str], tiny_sd_path: Path, tmp_path: Path) -> None:
     """Adversarial with the mask on clean + adversarial prompts: every process runs the same inner
-    attack before the mask, so the mask is still the one process's."""
+    attack before the mask, so the mask is still the one process's. (The plain run takes the same
+    mask and loop code without the adversarial term: slow, to keep the default suite short.)"""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     masks = {}
     for n, extra in [(1, ["--num_processes", "1"]), (2, ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29531"])]:
