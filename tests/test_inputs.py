@@ -55,6 +55,12 @@ def digits_main(argv):
     return main(argv)
 
 
+def export_main(argv):
+    from erase.export.__main__ import main
+
+    return main(argv)
+
+
 def app_main(argv):
     import app
 
@@ -128,6 +134,7 @@ CASES = [
     (classifier_main, lambda m, o: ["--out", str(o / BLOCKER / "out")], "cannot write the report"),
     (app_main, lambda m, o: ["--original", "digits", "--erased", "/does/not/exist", "--labels", "none"],
      "erased model folder not found"),
+    (export_main, lambda m, o: [str(m), "--format", "lora", "--rank", "0", "--out", str(o / "x.safetensors")], "rank must be"),
 ]
 
 
@@ -217,7 +224,7 @@ def test_a_launch_that_lost_its_processes_refuses(tmp_path: Path, monkeypatch, c
 
 @pytest.mark.parametrize("main, argv", [
     (train_main, ["--help"]), (worst_case_main, ["--help"]), (classifier_main, ["--help"]), (digits_main, ["--help"]),
-    (app_main, ["--help"]), *[(eval_main, [command, "--help"]) for command in ("classes", "nudity", "fid", "compare", "attack")],
+    (app_main, ["--help"]), (export_main, ["--help"]), *[(eval_main, [command, "--help"]) for command in ("classes", "nudity", "fid", "compare", "attack")],
 ], ids=lambda v: v.__name__.removesuffix("_main") if callable(v) else " ".join(v))
 def test_every_command_has_help(main, argv, capsys) -> None:
     try:
