@@ -108,7 +108,8 @@ def markdown(result: dict) -> str:
         + (f" (the original against itself at other seeds: {result['fid_floor']:.1f})." if "fid_floor" in result else "."),
         f"UnlearnDiffAtk (reduced: k = {p['k']}, {p['uda_timesteps']} timesteps x {p['uda_iterations']} iterations) and",
         f"concept inversion ({p['inversion_steps']} steps, learned from other seeds) on {p['prompts']} prompts of the concept.",
-        "Time: the whole erasure command; memory: its peak resident set.",
+        "Time: the whole erasure command; memory: its peak resident set."
+        + (f" Every erasure also took `{p['erase_args']}`." if p.get("erase_args") else ""),
         "",
         "| concept | method | seeds | shown: template / paraphrases | retained: digits / colours | FID | UnlearnDiffAtk ASR | "
         + " | ".join(f"inversion N = {n}" for n in vec) + " | time (s) | peak RSS (GiB) |",
@@ -177,7 +178,8 @@ def main() -> None:
 
     def save() -> None:
         result.update({"out": args.out, "protocol": {k: getattr(args, k) for k in ("images_per_prompt", "fid_images_per_prompt", "prompts", "k", "uda_iterations", "uda_timesteps",
-                                                                    "inversion_steps", "vectors", "attack_seed")} | {"fid_features": fid_name},
+                                                                    "inversion_steps", "vectors", "attack_seed", "erase_args")}
+                       | {"fid_features": fid_name},
                        "seeds": seeds, "before": before, "fid_floor": fid_floor, "rows": rows, "wall_seconds": time.perf_counter() - start, "machine": machine()})
         save_results(result, args.out, markdown(result))
         plot_headline(result, Path(args.out).with_suffix(".png"))
