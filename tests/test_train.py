@@ -58,6 +58,8 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
     root.addHandler(handler)
     saved = {k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU",)}
     os.environ["ACCELERATE_USE_CPU"] = "1"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as ENV's OMP_NUM_THREADS=1 gives a subprocess: the same float reductions as one
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -70,6 +72,7 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+        torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["erase/train.py", *args], rc, out.getvalue(), err.getvalue())
 
 
