@@ -82,16 +82,20 @@ def grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
 
 
-def erase_once(concept: str | list[str], method: str, seed: int, out: str, args) -> float:
-    """Seconds of the whole `accelerate launch erase/train.py` command (several concepts: one run;
-    a method written `salun+adversarial` adds `--adversarial`)."""
+def erase_command(concept: str | list[str], method: str, seed: int, out: str, cache_dir: str, *extra: str) -> list[str]:
+    """`accelerate launch erase/train.py` on the digits model (several concepts: one run; a method
+    written `salun+adversarial` adds `--adversarial`)."""
     concepts = [concept] if isinstance(concept, str) else concept
     method, _, variant = method.partition("+")
-    extra = ["--adversarial"] if variant == "adversarial" else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
-           "--model", "digits", *[a for c in concepts for a in ("--concept", c)], "--method", method, "--seed", str(seed),
-           "--output-dir", out, "--cache-dir", args.cache_dir, *extra]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
+            "--model", "digits", *[a for c in concepts for a in ("--concept", c)], "--method", method, "--seed", str(seed),
+            "--output-dir", out, "--cache-dir", cache_dir, *(["--adversarial"] if variant == "adversarial" else []), *extra]
+
+
+def erase_once(concept: str | list[str], method: str, seed: int, out: str, args) -> float:
+    """Seconds of the whole erase_command."""
+    cmd = erase_command(concept, method, seed, out, args.cache_dir)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:

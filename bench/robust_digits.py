@@ -23,7 +23,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,15 +38,12 @@ from eval.generate import Sample
 from eval.judges import judge_for
 
 from common import line_plot, machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
-from erase_digits import ROOT, erasure_metrics, score  # the same scoring as bench/erase_digits.py
+from erase_digits import erase_command, erasure_metrics, score  # the same scoring as bench/erase_digits.py
 
 
 def erase(concept: str, method: str, adversarial: bool, seed: int, out: str, args) -> dict:
     """The whole command's seconds and its peak resident memory (GiB, from the finished process)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
-           "--model", "digits", "--concept", concept, "--method", method, "--seed", str(seed),
-           "--output-dir", out, "--cache-dir", args.cache_dir, *(["--adversarial"] if adversarial else []), *args.erase_args.split()]
+    cmd = erase_command(concept, method + ("+adversarial" if adversarial else ""), seed, out, args.cache_dir, *args.erase_args.split())
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from erase.concepts import Concept
-from erase.conditioning import Conditioning
-from erase.inversion import denoising_loss, inversion_captions, inversion_tokens
+from erase.conditioning import Conditioning, cat
+from erase.inversion import denoising_loss, inversion_captions, inversion_tokens, starting_vectors
 from erase.objectives import step_generator
-from erase.tokens import PlaceholderTokens, allowed_token_ids
+from erase.tokens import PlaceholderTokens
 
 __all__ = ["AdversarialSettings", "AdversarialTokens", "adversarial_captions", "with_adversarial"]
 
@@ -74,11 +74,7 @@ class AdversarialTokens:
         forget = list(dict.fromkeys(p for c in concepts for p in c.forget))
         self.captions = adversarial_captions(concepts, forget, self.phrase)  # {forget prompt: its adversarial caption}
         with PlaceholderTokens(pipe, self.tokens) as place:
-            starts = []
-            for (tokenizer, _), m in zip(place.pairs, place.embedding_matrices(), strict=True):
-                mean = m.detach()[allowed_token_ids(tokenizer, m.shape[0]).to(m.device)].float().mean(0, keepdim=True)
-                starts.append(mean.repeat(settings.vectors, 1))
-        self.vectors = [v.clone().requires_grad_(True) for v in starts]
+            self.vectors = [v.requires_grad_(True) for v in starting_vectors(place, settings.vectors)]
         self.optimizer = torch.optim.Adam(self.vectors, lr=settings.lr)
         self.last_loss: float | None = None
 
@@ -125,7 +121,7 @@ class AdversarialTokens:
             moments = self.optimizer.state.get(v, {})
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 if key in moments:
-                    state[f"{key}.{i}"] = moments[key].detach().cpu().reshape(moments[key].shape).contiguous()
+                    state[f"{key}.{i}"] = moments[key].detach().cpu().contiguous()
         save_file(state, str(Path(folder) / _STATE_FILE))
 
     def load(self, folder: str | Path) -> None:
@@ -144,12 +140,7 @@ def with_adversarial(forget: dict, adversarial: Conditioning | torch.Tensor) -> 
     """The forget batch doubled: its rows once under their clean prompts and once under their
     adversarial captions (`adversarial`, one row per forget row), same x_t, t, anchor and target.
     `teacher_hidden_states` keeps the clean prompts for ESD's frozen teacher."""
-    from erase.conditioning import cat
-
-    doubled = {k: torch.cat([v, v]) for k, v in forget.items() if isinstance(v, torch.Tensor) and k != "encoder_hidden_states"}
-    for key in ("anchor_hidden_states", "uncond_hidden_states"):
-        if key in forget:
-            doubled[key] = cat([forget[key], forget[key]])
+    doubled = {k: cat([v, v]) for k, v in forget.items()}
     doubled["encoder_hidden_states"] = cat([forget["encoder_hidden_states"], adversarial])
     doubled["teacher_hidden_states"] = cat([forget["encoder_hidden_states"], forget["encoder_hidden_states"]])
     return doubled

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from erase.adversarial import AdversarialSettings, AdversarialTokens, with_adversarial
 from erase.command import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept, merge_concepts
-from erase.conditioning import Conditioning
+from erase.conditioning import Conditioning, cat
 from erase.objectives import esd_loss, noised, saliency_loss, salun_loss, step_generator
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, read_mask_shapes
 from erase.sd import encode_images, encode_prompts, frozen_parts, image_set
@@ -299,8 +299,6 @@ def adversarial_rows(adversary: AdversarialTokens, data: ErasureData, cfg) -> Co
     adv = adversary.conditioning([data.texts[r] for r in forget_rows], resolution=cfg.resolution).float()
     index = torch.arange(len(data.texts))
     index[forget_rows] = torch.arange(len(forget_rows)) + len(data.texts)
-    from erase.conditioning import cat
-
     return cat([data.prompt_embeds, adv.to(data.prompt_embeds.device)])[index.to(data.prompt_embeds.device)]
 
 

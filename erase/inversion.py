@@ -15,7 +15,8 @@ from erase.conditioning import unet_kwargs
 from erase.objectives import mse_per_sample, noisy_latents_and_target, step_generator, training_scheduler
 from erase.tokens import PlaceholderTokens, allowed_token_ids
 
-__all__ = ["INVERSION_TOKEN", "InversionSettings", "denoising_loss", "inversion_captions", "inversion_tokens", "train_inversion"]
+__all__ = ["INVERSION_TOKEN", "InversionSettings", "denoising_loss", "inversion_captions", "inversion_tokens", "starting_vectors",
+           "train_inversion"]
 
 INVERSION_TOKEN = "<erased-concept>"
 
@@ -75,6 +76,16 @@ def inversion_captions(prompts: Sequence[str], concept_name: str | None, token: 
     return out
 
 
+def starting_vectors(place: PlaceholderTokens, n: int, init: str | None = None) -> list[torch.Tensor]:
+    """Where n learned vectors start, per text encoder of an entered `place` ((n, D) fp32 each): the
+    embedding of the word `init` (its tokens' mean), else the mean embedding of the vocabulary."""
+    starts = []
+    for (tokenizer, _), m in zip(place.pairs, place.embedding_matrices(), strict=True):
+        ids = tokenizer(init, add_special_tokens=False).input_ids if init else allowed_token_ids(tokenizer, m.shape[0])
+        starts.append(m.detach()[torch.as_tensor(ids, device=m.device)].float().mean(0, keepdim=True).repeat(n, 1))
+    return starts
+
+
 def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: InversionSettings,
                     mirrored: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[float]]:
     """Textual inversion against `pipe`'s frozen UNet and text encoder(s): `opts.vectors` embeddings per
@@ -91,14 +102,7 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
         raise ValueError("flip needs the mirrored images' latents")
     with PlaceholderTokens(pipe, opts.tokens) as place:
         matrices = place.embedding_matrices()
-        vectors = []
-        for (tokenizer, _), m in zip(place.pairs, matrices, strict=True):
-            if opts.init:
-                ids = tokenizer(opts.init, add_special_tokens=False).input_ids
-                start = m.detach()[ids].float().mean(0, keepdim=True)
-            else:
-                start = m.detach()[allowed_token_ids(tokenizer, m.shape[0]).to(m.device)].float().mean(0, keepdim=True)
-            vectors.append(start.repeat(opts.vectors, 1).requires_grad_(True))
+        vectors = [v.requires_grad_(True) for v in starting_vectors(place, opts.vectors, opts.init)]
         if opts.weight_decay:
             optimizer = torch.optim.AdamW(vectors, lr=opts.lr, weight_decay=opts.weight_decay)
         else:
