@@ -17,10 +17,11 @@ from erase.command import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept, merge_concepts
 from erase.conditioning import Conditioning, cat
 from erase.objectives import esd_loss, noised, saliency_loss, salun_loss, step_generator
-from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, read_mask_shapes
+from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, moving_tensors, read_mask_shapes
+from erase.sharding import local
 from erase.sd import encode_images, encode_prompts, frozen_parts, image_set
 
-__all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "frozen_copy", "hold_frozen", "masked_optimizer",
+__all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "check_shardable", "frozen_copy", "hold_frozen", "masked_optimizer",
            "prepare_data", "release_frozen", "saliency_mask", "train_steps"]
 
 
@@ -63,6 +64,9 @@ class TrainConfig:
         "help": "Adam's moments for every weight of a trained tensor (dense), or for the weights the mask lets move "
                 "only (masked: about half the state at ratio 0.5, the same update on the CPU to the last bit)",
         "choices": ("dense", "masked")})
+    fsdp: bool = field(default=False, metadata={
+        "help": "shard the UNet's weights, gradients, optimizer state and mask over the launched processes (FSDP2; "
+                "Accelerate's --use_fsdp --fsdp_version 2 selects it too); launch 2 or more processes"})
     train_batch_size: int = field(default=8, metadata={"help": "forget and retain images per step and process"})
     max_train_steps: int = field(default=100, metadata={"help": "optimizer steps"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -115,6 +119,8 @@ class TrainConfig:
             if self.method == "uce":
                 raise ValueError("--adversarial trains against an attack: uce has no training loop (use salun, rl, esd-x or esd-u)")
             self.adversarial_settings().check()
+        if self.fsdp:
+            check_shardable(self)
         if self.optimizer_state not in ("dense", "masked"):
             raise ValueError(f"optimizer-state must be dense or masked, got {self.optimizer_state!r}")
         if self.adversarial_mask not in ("clean", "both"):
@@ -142,6 +148,16 @@ class TrainConfig:
     def resolve_concept(self) -> Concept:
         """The run's concepts as one: every forget/anchor pair, the retain prompts none of them forgets."""
         return merge_concepts(self.resolve_concepts())
+
+
+def check_shardable(cfg: TrainConfig) -> None:
+    """What --fsdp (or Accelerate's FSDP plugin) cannot shard, refused before any model loads."""
+    if cfg.method == "uce":
+        raise ValueError("--fsdp shards training: uce has no training loop (it edits in seconds on one process)")
+    if cfg.adversarial:
+        raise ValueError("--fsdp does not shard --adversarial training yet (its inner attack runs on one process's UNet)")
+    if cfg.mixed_precision == "fp16":
+        raise ValueError("--fsdp trains in fp32 or bf16: fp16's gradient scaler does not take sharded gradients (use bf16)")
 
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -273,20 +289,22 @@ def frozen_copy(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return teacher.requires_grad_(False).eval()
 
 
-def masked_optimizer(unet: torch.nn.Module, mask: dict[str, torch.Tensor], learning_rate: float, state: str = "dense"):
+def masked_optimizer(unet: torch.nn.Module, mask: dict[str, torch.Tensor], learning_rate: float, state: str = "dense",
+                     sharded: bool = False):
     """Adam over the weights the mask lets move (tensors with no such weight get no gradient at
     all), confined by MaskedUpdate; fused on CUDA (one kernel, no foreach temporaries the size of
     the model). With `state="masked"`, MaskedAdam keeps moments for the mask==1 entries only and
-    writes no other entry (no MaskedUpdate needed). Returns (optimizer, update or None)."""
-    trainable = {n for n, m in mask.items() if bool(m.any())}
+    writes no other entry (no MaskedUpdate needed). `sharded`: the UNet is FSDP-sharded and `mask`
+    holds this process's rows. Returns (optimizer, update or None)."""
+    trainable = moving_tensors(mask, sharded)
     for n, p in unet.named_parameters():
         p.requires_grad_(n in trainable)
     if state == "masked":
         from erase.masked_adam import MaskedAdam
 
-        return MaskedAdam(unet, mask, lr=learning_rate), None
+        return MaskedAdam(unet, mask, lr=learning_rate, sharded=sharded), None
     params = [p for p in unet.parameters() if p.requires_grad]
-    device = params[0].device
+    device = local(params[0]).device
     optimizer = torch.optim.Adam(params, lr=learning_rate, fused=device.type == "cuda")
     update = MaskedUpdate(unet, {n: m for n, m in mask.items() if n in trainable}).attach(optimizer)
     return optimizer, update
@@ -328,7 +346,9 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
         if adversary is not None and step % cfg.adversarial_every == 0:
             adv_rows = attack_round(adversary, data, scheduler, cfg, accelerator, step)
         for micro in range(cfg.gradient_accumulation_steps):
-            g = step_generator(cfg.seed, step, micro, accelerator.process_index, device=device)
+            # one stream per (step, micro-batch of all processes): N processes draw what one process
+            # draws with N times the accumulation, so their runs compare
+            g = step_generator(cfg.seed, step, micro * accelerator.num_processes + accelerator.process_index, 0, device=device)
             forget, retain = batch_for(data, scheduler, cfg, g)
             if adv_rows is not None:
                 forget = with_adversarial(forget, adv_rows[forget["prompt_rows"]])

@@ -6,6 +6,8 @@ zeros forever. `MaskedAdam` keeps the moments of the mask==1 entries alone, pack
 `tensor[mask]`, and holds each mask bit-packed (1 bit per weight), so its state is about half of
 Adam's at ratio 0.5 (4.125 bytes per weight instead of 8).
 
+Under FSDP each process keeps the moments of its own rows' masked entries (erase/sharding.py).
+
 Its arithmetic is torch.optim.Adam's single-tensor path (what runs on the CPU), element by element:
 the masked entries get exactly the update dense Adam gives them under a masked gradient (the
 mask==0 ones, whose moments stay 0, never move), to the last bit on the CPU. Mask==0 weights are
@@ -18,20 +20,22 @@ from collections.abc import Mapping
 
 import torch
 
-from erase.saliency import check_mask_matches, pack_bits, unpack_bits
+from erase.saliency import check_mask_matches, moving_tensors, pack_bits, unpack_bits
+from erase.sharding import local
 
 __all__ = ["MaskedAdam", "optimizer_state_bytes"]
 
 
 class MaskedAdam(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, sharded: bool = False) -> None:
         check_mask_matches(mask, model)
         named = dict(model.named_parameters())
-        params = [named[n] for n, m in mask.items() if bool(m.any())]
+        moving = moving_tensors(mask, sharded)  # sharded: a tensor whose rows here are all frozen still steps (empty)
+        params = [named[n] for n in mask if n in moving]
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         # the bits live outside `state`: a checkpoint holds the moments, the mask file the mask
-        self._packed = {named[n]: pack_bits(m.to(named[n].device)) for n, m in mask.items() if bool(m.any())}
+        self._packed = {named[n]: pack_bits(m.to(local(named[n]).device)) for n, m in mask.items() if n in moving}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -45,8 +49,9 @@ class MaskedAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                chosen = unpack_bits(self._packed[p], p.shape)
-                grad = p.grad[chosen]
+                weights = local(p)  # a sharded (FSDP) parameter: its own rows, with the mask of those rows
+                chosen = unpack_bits(self._packed[p], weights.shape)
+                grad = local(p.grad)[chosen]
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
@@ -62,9 +67,9 @@ class MaskedAdam(torch.optim.Optimizer):
                 bias_correction2 = 1 - beta2**step
                 step_size = lr / bias_correction1
                 denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-                values = p[chosen]
+                values = weights[chosen]
                 values.addcdiv_(exp_avg, denom, value=-step_size)
-                p.masked_scatter_(chosen, values)
+                weights.masked_scatter_(chosen, values)
         return loss
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from erase.atomic import replace_path
 from erase.command import BadInput
+from erase.sharding import is_sharded, local, set_gradient_sum
 
 logger = logging.getLogger(__name__)
 
@@ -75,30 +76,82 @@ def select_parameters(
     return selected
 
 
-_BUCKET_SHIFT = 15  # 2^16 buckets over the int32 bits: 1/128 of an octave each
+_BUCKET_SHIFT = 15  # 2^16 buckets over the top bits of the int32 pattern (1/128 of an octave each), 2^15 below
 
 
-def _kth_largest_bits(bits: Sequence[torch.Tensor], k: int) -> int:
-    """Bit pattern of the k-th largest value (radix select): a histogram of the top 16 bits
-    finds the bucket holding it, then only that bucket's values are sorted."""
-    hist = torch.zeros(1 << (31 - _BUCKET_SHIFT), dtype=torch.int64, device=bits[0].device)
+def _collective_device(t: torch.Tensor) -> torch.device:
+    """Where a collective can take `t`: nccl needs the GPU, gloo takes either."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def _sum_over_processes(t: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """`t` summed over the processes when the data is sharded (and more than one process runs)."""
+    if sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        moved = t.to(_collective_device(t))
+        torch.distributed.all_reduce(moved)
+        return moved.to(t.device)
+    return t
+
+
+def _kth_largest_bits(bits: Sequence[torch.Tensor], k: int, sharded: bool = False) -> int:
+    """Bit pattern of the k-th largest value (radix select): a histogram of the top 16 bits finds
+    the bucket holding it, a histogram of the low 15 bits of that bucket's values finds the value.
+    Sharded, the two histograms are summed over the processes: two all-reduces of counts."""
+    device = bits[0].device
+    hist = torch.zeros(1 << (31 - _BUCKET_SHIFT), dtype=torch.int64, device=device)
     for b in bits:
-        hist += torch.bincount((b >> _BUCKET_SHIFT).reshape(-1).long(), minlength=len(hist)).to(hist.device)
+        hist += torch.bincount((b >> _BUCKET_SHIFT).reshape(-1).long(), minlength=len(hist)).to(device)
+    bucket, rank = _bucket_of_rank(_sum_over_processes(hist, sharded), k)
+    low = torch.zeros(1 << _BUCKET_SHIFT, dtype=torch.int64, device=device)
+    for b in bits:
+        inside = b[(b >> _BUCKET_SHIFT) == bucket]
+        low += torch.bincount((inside & ((1 << _BUCKET_SHIFT) - 1)).long(), minlength=len(low)).to(device)
+    value, _ = _bucket_of_rank(_sum_over_processes(low, sharded), rank)
+    return (bucket << _BUCKET_SHIFT) | value
+
+
+def _bucket_of_rank(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest of the counted values, and its rank inside the bucket."""
     above = hist.flip(0).cumsum(0).flip(0)  # above[i] = count in buckets >= i
     bucket = int(torch.nonzero(above >= k).max())
-    rank = k - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0)  # rank inside the bucket
-    candidates = torch.cat([b[(b >> _BUCKET_SHIFT) == bucket].to(bits[0].device) for b in bits])
-    return int(torch.sort(candidates, descending=True).values[rank - 1])
+    return bucket, k - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0)
 
 
-def global_topk_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+def _ties_to_take(ties: torch.Tensor, need: int, sharded: bool) -> list[int]:
+    """How many of this process's ties at the threshold each tensor keeps: `need` of them in the
+    global order, tensor by tensor and, inside a tensor, rank by rank (dim-0 shards in rank order)."""
+    if not (sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        counts, me = ties.reshape(1, -1), 0
+    else:
+        ties = ties.to(_collective_device(ties))
+        parts = [torch.empty_like(ties) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, ties)
+        counts, me = torch.stack(parts), torch.distributed.get_rank()
+    take = []
+    counts = counts.cpu().tolist()
+    for t in range(len(counts[0])):
+        for r, row in enumerate(counts):
+            n = min(need, row[t])
+            need -= n
+            if r == me:
+                take.append(n)
+    return take
+
+
+def global_topk_mask(scores: Mapping[str, torch.Tensor], ratio: float, sharded: bool = False) -> dict[str, torch.Tensor]:
     """Keep exactly round(ratio * N) of the largest scores across all tensors.
 
     Non-negative float32 scores compare like their int32 bit patterns, so the k-th largest
-    value is found by a radix select on the bits: two passes and a sort of one small bucket,
-    with no sort and no concatenated copy of all scores (the full SD UNet has 860M weights).
+    value is found by a radix select on the bits: two histogram passes, with no sort and no
+    concatenated copy of all scores (the full SD UNet has 860M weights).
     Ties at the threshold are broken by position: earlier tensors (in mapping order) and
     earlier flat indices win.
+
+    `sharded`: each process holds its dim-0 shard of every score tensor (FSDP, erase/sharding.py),
+    N counts all of them, and the mask of its own rows comes back; the threshold and the ties
+    are those of one process holding every tensor (a few collectives of counts).
     """
     ratio = check_ratio(ratio)
     bits = {}
@@ -107,27 +160,40 @@ def global_topk_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[s
         if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
             raise ValueError(f"saliency scores of {name!r} must be finite and non-negative")
         bits[name] = s.view(torch.int32)
-    total = sum(b.numel() for b in bits.values())
+    device = next(iter(bits.values())).device
+    total = int(_sum_over_processes(torch.tensor(sum(b.numel() for b in bits.values()), device=device), sharded))
     k = round(ratio * total)
     if k == 0:
         raise ValueError(f"ratio {ratio} keeps no weight out of {total}")
-    threshold = _kth_largest_bits(list(bits.values()), k)
-    need = k - sum(int((b > threshold).sum()) for b in bits.values())  # ties at the threshold to keep
+    threshold = _kth_largest_bits(list(bits.values()), k, sharded)
+    above = _sum_over_processes(torch.tensor(sum(int((b > threshold).sum()) for b in bits.values()), device=device), sharded)
+    need = k - int(above)  # ties at the threshold to keep
+    ties = torch.tensor([int((b == threshold).sum()) if need > 0 else 0 for b in bits.values()], dtype=torch.int64, device=device)
+    take = _ties_to_take(ties, need, sharded)
     mask = {}
-    for name, b in bits.items():
+    for (name, b), n in zip(bits.items(), take):
         m = b > threshold
-        tie = (b == threshold).reshape(-1) if need > 0 else None
-        if tie is not None and bool(tie.any()):
-            take = tie & (tie.cumsum(0) <= need)
-            need -= int(take.sum())
-            m |= take.view(b.shape)
+        if n:
+            tie = (b == threshold).reshape(-1)
+            m |= (tie & (tie.cumsum(0) <= n)).view(b.shape)
         mask[name] = m
     return mask
 
 
-def mask_fraction(mask: Mapping[str, torch.Tensor]) -> float:
-    kept = sum(int(m.sum()) for m in mask.values())
-    return kept / max(1, sum(m.numel() for m in mask.values()))
+def mask_fraction(mask: Mapping[str, torch.Tensor], sharded: bool = False) -> float:
+    """The fraction of weights the mask keeps (`sharded`: over every process's rows)."""
+    counts = torch.tensor([sum(int(m.sum()) for m in mask.values()), sum(m.numel() for m in mask.values())], dtype=torch.int64)
+    kept, total = _sum_over_processes(counts, sharded).tolist()
+    return kept / max(1, total)
+
+
+def moving_tensors(mask: Mapping[str, torch.Tensor], sharded: bool = False) -> set[str]:
+    """The names of the tensors with at least one mask==1 weight (`sharded`: in any process's rows,
+    so that every process trains the same tensors)."""
+    names = list(mask)
+    flags = torch.tensor([bool(mask[n].any()) for n in names], dtype=torch.int64)
+    flags = _sum_over_processes(flags, sharded)
+    return {n for n, f in zip(names, flags.tolist()) if f}
 
 
 def compute_saliency_mask(
@@ -160,6 +226,9 @@ def compute_saliency_mask(
     for _, p in model.named_parameters():
         p.requires_grad_(id(p) in names)  # no gradient memory for unselected weights
         p.grad = None
+    sharded = any(is_sharded(p) for _, p in selected)  # FSDP: each process sums its rows over every process
+    if sharded:
+        set_gradient_sum(model, mean=False)
     try:
         while True:
             for batch in tqdm(batches, desc="saliency", disable=not show_progress):
@@ -174,26 +243,28 @@ def compute_saliency_mask(
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         scores = {}
         for name, p in selected:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            grad = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
             p.grad = None
-            if distributed and torch.distributed.get_world_size() > 1:
+            if distributed and torch.distributed.get_world_size() > 1 and not sharded:
                 torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
             scores[name] = grad.float().abs_()  # in place for fp32: no copy
-        mask = global_topk_mask(scores, ratio)
+        mask = global_topk_mask(scores, ratio, sharded=sharded)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved_flags[n])
             p.grad = None
-    logger.info("saliency mask keeps %.4f of %d weights", mask_fraction(mask), sum(m.numel() for m in mask.values()))
+        if sharded:
+            set_gradient_sum(model, mean=True)
+    logger.info("saliency mask keeps %.4f of the selected weights", mask_fraction(mask, sharded))
     return mask
 
 
 def _all_finite(params: Sequence[torch.nn.Parameter]) -> bool:
     """Whether every parameter's gradient is finite, in one host sync (a distributed run agrees on it)."""
-    ok = torch.ones((), dtype=torch.bool, device=params[0].device)
+    ok = torch.ones((), dtype=torch.bool, device=local(params[0]).device)
     for p in params:
         if p.grad is not None:
-            ok &= torch.isfinite(p.grad).all().to(ok.device)
+            ok &= torch.isfinite(local(p.grad)).all().to(ok.device)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         bad = (~ok).to(torch.int32)
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # gloo and nccl: on the gradients' device
@@ -229,9 +300,9 @@ def save_mask(mask: Mapping[str, torch.Tensor], path: str | os.PathLike, metadat
     replace_path(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def read_mask_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+def read_mask_shapes(path: str | os.PathLike, shard: bool = False) -> dict[str, list[int]]:
     """The names and shapes a mask file holds, from its header alone; one clear error for a missing,
-    corrupt or foreign file."""
+    corrupt or foreign file, and for one process's rows of a sharded run's mask (unless `shard`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mask file not found: {path}")
@@ -242,13 +313,16 @@ def read_mask_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
         raise BadInput(f"{path} is not a readable safetensors file ({err})".splitlines()[0]) from None
     if meta.get("format") != MASK_FORMAT:
         raise BadInput(f"{path} is not a saliency mask written by this toolkit")
+    if "sharding" in meta and not shard:
+        raise BadInput(f"{path} holds one process's rows of a sharded run's mask: pass the run's saliency_mask.safetensors")
     return json.loads(meta["shapes"])
 
 
-def load_mask(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Read a mask written by `save_mask`; with `model`, check every name and shape against it."""
+def load_mask(path: str | os.PathLike, model: torch.nn.Module | None = None, shard: bool = False) -> dict[str, torch.Tensor]:
+    """Read a mask written by `save_mask`; with `model`, check every name and shape against it
+    (`shard`: this process's rows of a sharded run's mask, against its rows of the model)."""
     path = os.fspath(path)
-    shapes = read_mask_shapes(path)
+    shapes = read_mask_shapes(path, shard)
     try:
         with safe_open(path, framework="pt") as f:
             mask = {name: unpack_bits(f.get_tensor(name), shape) for name, shape in shapes.items()}
@@ -265,25 +339,27 @@ def check_mask_matches(mask: Mapping[str, torch.Tensor], model: torch.nn.Module,
     if missing:
         raise BadInput(f"{source} does not fit this model: {len(missing)} names not in the model, e.g. {missing[0]!r}")
     for name, m in mask.items():
-        if tuple(m.shape) != tuple(params[name].shape):
+        shape = tuple(local(params[name]).shape)  # a sharded parameter takes the mask of its own rows
+        if tuple(m.shape) != shape:
             raise BadInput(
                 f"{source} does not fit this model: {name!r} has shape {tuple(m.shape)} in the mask "
-                f"and {tuple(params[name].shape)} in the model"
+                f"and {shape} in the model"
             )
 
 
 class MaskedUpdate:
     """Confine an optimizer to the mask==1 weights, bit-exactly.
 
-    Gradients are masked in a backward hook, so clipping and optimizer moments see only the
-    salient entries. For SGD (with momentum), Adam and AdamW without weight decay and with a
-    fresh state, a zero gradient is then an exact no-op and nothing more is needed. Masking
+    Gradients are masked in place just before each `optimizer.step()`, so the optimizer's moments
+    see only the salient entries. For SGD (with momentum), Adam and AdamW without weight decay and
+    with a fresh state, a zero gradient is then an exact no-op and nothing more is needed. Masking
     the gradient is not enough otherwise: weight decay (AdamW, or L2 in SGD/Adam) still moves
     mask==0 weights, a bug of the SalUn reference code. In that case the mask==0 values are
     saved before every `optimizer.step()` and written back after it.
     Parameters not named in the mask are left alone. The mask is held bit-packed on each
     weight's device (1 bit per weight: 107 MB for the SD-1.x UNet instead of 860 MB of bools)
-    and unpacked one tensor at a time when a gradient arrives.
+    and unpacked one tensor at a time. A sharded (FSDP) parameter takes the mask of its own rows
+    (erase.sharding.local_mask) and its local gradient is the one masked.
 
         update = MaskedUpdate(model, mask).attach(optimizer)
         ...  # an ordinary training loop
@@ -296,7 +372,7 @@ class MaskedUpdate:
         check_mask_matches(mask, model)
         params = dict(model.named_parameters())
         # (parameter, its mask==0 entries packed on its device)
-        self.frozen = [(params[n], pack_bits(~m.to(params[n].device))) for n, m in mask.items() if not bool(m.all())]
+        self.frozen = [(params[n], pack_bits(~m.to(local(params[n]).device))) for n, m in mask.items() if not bool(m.all())]
         self._saved: list[torch.Tensor] = []
         self._handles: list[Any] = []
         self.restores = False
@@ -308,22 +384,28 @@ class MaskedUpdate:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> MaskedUpdate:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-        for p, packed in self.frozen:
-            self._handles.append(p.register_hook(lambda g, p=p, packed=packed: g.masked_fill(unpack_bits(packed, p.shape), 0)))
         self.restores = self._needs_restore(optimizer)
+        self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._mask_gradients()))
         if self.restores:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._save()))
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self._restore()))
         return self
 
     @torch.no_grad()
+    def _mask_gradients(self) -> None:
+        for p, packed in self.frozen:
+            if p.grad is not None:
+                grad = local(p.grad)
+                grad.masked_fill_(unpack_bits(packed, grad.shape), 0)
+
+    @torch.no_grad()
     def _save(self) -> None:
-        self._saved = [p[unpack_bits(packed, p.shape)] for p, packed in self.frozen]
+        self._saved = [local(p)[unpack_bits(packed, local(p).shape)] for p, packed in self.frozen]
 
     @torch.no_grad()
     def _restore(self) -> None:
         for (p, packed), values in zip(self.frozen, self._saved):
-            p.masked_scatter_(unpack_bits(packed, p.shape), values)
+            local(p).masked_scatter_(unpack_bits(packed, local(p).shape), values)
         self._saved = []
 
     def remove(self) -> None:

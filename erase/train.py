@@ -35,7 +35,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from erase.atomic import replace_dir, shared_output_dir, write_json  # noqa: E402
@@ -54,6 +55,7 @@ from erase.erasure import (  # noqa: E402
     WEIGHT_DTYPES,
     TrainConfig,
     attack_round,
+    check_shardable,
     frozen_copy,
     hold_frozen,
     masked_optimizer,
@@ -70,6 +72,7 @@ from erase.saliency import (  # noqa: E402
     save_mask,
     select_parameters,
 )
+from erase import sharding  # noqa: E402
 from erase.sd import load_pipeline, pipeline_class  # noqa: E402
 from erase.uce import UCEScales, uce_edit  # noqa: E402
 
@@ -94,23 +97,67 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging: str, given=None, resume: bool = False,
-                   adversary=None) -> dict[str, torch.Tensor]:
+                   adversary=None, sharded: bool = False) -> dict[str, torch.Tensor]:
     """The weights this run may change: the saliency mask (salun), all (rl), or ESD's subset. An
     adversarial salun run with --adversarial-mask both first attacks the original UNet and adds the
-    loss on the adversarial prompts to the mask's."""
+    loss on the adversarial prompts to the mask's. `sharded`: this process's rows of it."""
     saved = os.path.join(staging, "saliency_mask.safetensors")
+    if sharded:
+        saved = sharding.shard_file(staging, "saliency_mask", accelerator.process_index, accelerator.num_processes)
     if resume and os.path.isfile(saved):  # the mask of the interrupted run
-        return load_mask(saved, unet)
+        return load_mask(saved, unet, shard=sharded)
     if cfg.method == "salun":
         if given is not None:
-            return given
+            return sharding.local_mask(given, unet) if sharded else given
         adversarial = None
         if adversary is not None and cfg.adversarial_mask == "both":
             adversarial = attack_round(adversary, data, scheduler, cfg, accelerator, step=-1)[data.forget_prompt]
         mask = saliency_mask(unet, scheduler, data, cfg, accelerator, adversarial=adversarial)
         return {n: m.cpu() for n, m in mask.items()}  # 1 byte a weight: off the GPU
     chosen = {n for n, _ in select_parameters(unet, ESD_TARGETS.get(cfg.method, ".*"))}
-    return {n: torch.full(p.shape, n in chosen, dtype=torch.bool) for n, p in unet.named_parameters()}
+    return {n: torch.full(sharding.local(p).shape, n in chosen, dtype=torch.bool) for n, p in unet.named_parameters()}
+
+
+def save_masks(mask, unet, staging: str, accelerator: Accelerator, sharded: bool, metadata: dict) -> None:
+    """The whole mask in the run folder (what the published folder carries); sharded, each
+    process's rows beside it too (what a resumed process reads back)."""
+    if accelerator.is_main_process:
+        os.makedirs(staging, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if sharded:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        save_mask(mask, sharding.shard_file(staging, "saliency_mask", rank, world), metadata | {"sharding": {"rank": rank, "world": world}})
+        mask = sharding.gather_mask(mask, unet, keep=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_mask(mask, os.path.join(staging, "saliency_mask.safetensors"), metadata=metadata)
+
+
+def sharding_of(cfg: TrainConfig, accelerator: Accelerator) -> bool:
+    """Whether this run shards the UNet (--fsdp, or a launch under Accelerate's FSDP plugin); what it
+    cannot shard is refused here, before any model loads."""
+    plugin = accelerator.distributed_type == DistributedType.FSDP
+    if not (cfg.fsdp or plugin):
+        return False
+    check_shardable(cfg)
+    if plugin and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise BadInput("erase/train.py shards with FSDP2: launch with --fsdp_version 2 (fsdp_version: 2 in a config file)")
+    if accelerator.num_processes < 2:
+        raise BadInput("--fsdp shards over the launched processes: launch 2 or more (accelerate launch --num_processes N; "
+                       "on the CPU with --multi_gpu and ACCELERATE_USE_CPU=1)")
+    return True
+
+
+def check_checkpoint_sharding(checkpoint: str | None, sharded: bool, accelerator: Accelerator) -> None:
+    """A checkpoint resumes only under the sharding that wrote it: refused before any model loads."""
+    if checkpoint is None:
+        return
+    shards = sorted(f for f in os.listdir(checkpoint) if f.startswith("unet.rank"))
+    mine = os.path.basename(sharding.shard_file(checkpoint, "unet", accelerator.process_index, accelerator.num_processes))
+    if sharded and mine not in shards:
+        written = f"by {shards[0].split('-of-')[1].split('.')[0]} sharded processes" if shards else "without --fsdp"
+        raise BadInput(f"{checkpoint} was written {written}; this run shards over {accelerator.num_processes}: relaunch as it was")
+    if not sharded and shards:
+        raise BadInput(f"{checkpoint} was written by a sharded run ({shards[0]}): relaunch with --fsdp and as many processes")
 
 
 # ----------------------------------------------------------------------------- main
@@ -139,12 +186,16 @@ def latest_checkpoint(staging: str, which: str | None) -> str | None:
     return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None
 
 
-def save_checkpoint(accelerator: Accelerator, folder: str, adversary=None) -> None:
+def save_checkpoint(accelerator: Accelerator, folder: str, adversary=None, sharded=None) -> None:
     """save_state into a temporary folder, then rename: a run killed mid-write leaves no
     half checkpoint for `--resume-from-checkpoint latest` to pick up. An adversarial run also
-    saves the inner attack's vectors and moments (safetensors)."""
+    saves the inner attack's vectors and moments (safetensors). `sharded`: (unet, optimizer),
+    each process writing its own shards (safetensors) instead."""
     with shared_output_dir(folder, accelerator) as tmp:
-        accelerator.save_state(str(tmp))
+        if sharded:
+            sharding.save_training_state(tmp, *sharded)
+        else:
+            accelerator.save_state(str(tmp))
         if adversary is not None and accelerator.is_main_process:
             adversary.save(tmp)
 
@@ -172,9 +223,11 @@ def train(cfg: TrainConfig) -> str:
     )
     device = accelerator.device
     check_launch(accelerator.num_processes)
+    sharded = sharding_of(cfg, accelerator)
     if cfg.method == "uce":
         return edit_closed_form(cfg, concepts, accelerator, staging)
     checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
+    check_checkpoint_sharding(checkpoint, sharded, accelerator)
     notes = []  # what the run did other than asked, also in erase_config.json
     if cfg.resume_from_checkpoint == "latest" and checkpoint is None:
         notes.append(f"--resume-from-checkpoint latest found no checkpoint in {staging}: started afresh")
@@ -206,26 +259,35 @@ def train(cfg: TrainConfig) -> str:
     seconds_data = time.perf_counter() - start
     peaks["data"] = peak_memory_gib(device)
 
-    start = time.perf_counter()
-    mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask, resume=checkpoint is not None,
-                          adversary=adversary)
-    seconds_mask = time.perf_counter() - start
-    peaks["mask"] = peak_memory_gib(device)
-    if accelerator.is_main_process:
-        os.makedirs(staging, exist_ok=True)
-        save_mask(mask, os.path.join(staging, "saliency_mask.safetensors"), metadata={"method": cfg.method, "concept": concept.name})
-
     frozen_unet = frozen_copy(unet, weight_dtype) if cfg.method.startswith("esd") else None
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer, update = masked_optimizer(unet, mask, cfg.learning_rate, cfg.optimizer_state)
-    kept = mask_fraction(mask)
+    if sharded:  # in place: from here each process holds its rows of every UNet tensor
+        sharding.shard_unet(unet, device)
+        if frozen_unet is not None:
+            sharding.shard_unet(frozen_unet, device)
+    start = time.perf_counter()
+    mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask, resume=checkpoint is not None,
+                          adversary=adversary, sharded=sharded)
+    seconds_mask = time.perf_counter() - start
+    peaks["mask"] = peak_memory_gib(device)
+    save_masks(mask, unet, staging, accelerator, sharded, metadata={"method": cfg.method, "concept": concept.name})
+
+    optimizer, update = masked_optimizer(unet, mask, cfg.learning_rate, cfg.optimizer_state, sharded=sharded)
+    kept = mask_fraction(mask, sharded)
     del mask  # MaskedUpdate holds it bit-packed
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if sharded:  # FSDP2 is applied above; Accelerate wraps the optimizer only (gradient accumulation)
+        optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
+        sizes = sharding.ShardSizes(unet, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
 
     first_step = 0
     if checkpoint:
-        accelerator.load_state(checkpoint)
+        if sharded:
+            sharding.load_training_state(checkpoint, unet, optimizer)
+        else:
+            accelerator.load_state(checkpoint)
         first_step = int(checkpoint.rstrip("/").rsplit("-", 1)[1])
         if adversary is not None:
             adversary.load(checkpoint)
@@ -241,7 +303,8 @@ def train(cfg: TrainConfig) -> str:
             progress.set_postfix(**{k: f"{v:.4f}" for k, v in logs.items()})
             accelerator.log(logs, step=done)
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-            save_checkpoint(accelerator, os.path.join(staging, "checkpoints", f"checkpoint-{done}"), adversary)
+            save_checkpoint(accelerator, os.path.join(staging, "checkpoints", f"checkpoint-{done}"), adversary,
+                            (unet, optimizer) if sharded else None)
 
     start = time.perf_counter()
     logs = train_steps(accelerator, unet, optimizer, data, scheduler, cfg, frozen_unet=frozen_unet, first_step=first_step,
@@ -255,9 +318,13 @@ def train(cfg: TrainConfig) -> str:
         release_frozen(pipe, originals)
     accelerator.wait_for_everyone()
 
+    record = {}
+    if sharded:  # every process takes part in gathering the weights and the sizes; the main one keeps them
+        record["sharding"] = sizes.record(accelerator)
+        state = sharding.full_state_dict(unet, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
-        pipe.unet = accelerator.unwrap_model(unet)
-        record = run_record(cfg, concepts, accelerator, kept, notes) | {
+        pipe.unet = sharding.unsharded_copy(unet, state) if sharded else accelerator.unwrap_model(unet)
+        record = run_record(cfg, concepts, accelerator, kept, notes) | record | {
             "final_losses": logs,
             "seconds": {"data": seconds_data, "mask": seconds_mask, "train": seconds_train},
             "peak_memory_gib": peaks,

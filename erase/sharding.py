@@ -1,0 +1,235 @@
+"""Sharded erasure with PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+Each launched process holds 1/n of the UNet's weights, gradients and Adam moments: every
+parameter becomes a DTensor sharded on dim 0 in rank order (torch.chunk's split), so rank r's
+local rows follow rank r-1's and a tensor's flat order is the ranks' local flat orders in turn.
+The saliency mask is computed and held the same way (erase/saliency.py's global threshold over
+the shards), checkpoints are one safetensors file of local shards per process, and the published
+pipeline is gathered into one plain diffusers folder.
+
+One code path: `erase/train.py --fsdp`, under `accelerate launch` on GPUs (Accelerate's FSDP
+plugin, `--use_fsdp --fsdp_version 2`, selects it too) or on the CPU over gloo
+(`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`). Reductions are sums
+(`set_force_sum_reduction_for_comms`: gloo has no pre-multiplied sum), divided by the process
+count for training as DDP's mean, and not divided for the saliency sum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from erase.command import BadInput
+
+__all__ = ["ShardSizes", "full_state_dict", "gather_mask", "is_sharded", "load_shards", "load_training_state", "local",
+           "local_mask", "save_shards", "save_training_state", "set_gradient_sum", "shard_bytes", "shard_file", "shard_unet",
+           "unsharded_copy"]
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded tensor (a view), or the tensor itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def shard_unet(unet: torch.nn.Module, device: torch.device, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """fully_shard each down, mid and up block, then the rest of the UNet, over every launched
+    process; in place (the parameters become DTensors). Gradients are reduced as DDP's mean."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(unet, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    set_gradient_sum(unet, mean=True)
+    return unet
+
+
+def set_gradient_sum(unet: torch.nn.Module, mean: bool) -> None:
+    """Reduce gradients as a plain sum over the processes (the saliency mask's Eq. 8 sum), or as
+    their mean (training, as DDP does)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    factor = float(torch.distributed.get_world_size()) if mean else 1.0
+    for module in unet.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+            module.set_gradient_divide_factor(factor)
+
+
+def local_mask(mask: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A full mask {name: bool tensor of the parameter's full shape} cut to this process's rows of
+    each sharded parameter (unsharded parameters keep the whole tensor)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, m in mask.items():
+        p = params[name]
+        if is_sharded(p):
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            chunks = torch.chunk(m, world, dim=0)
+            part = chunks[rank] if rank < len(chunks) else m[:0]
+            if tuple(part.shape) != tuple(local(p).shape):
+                raise RuntimeError(f"{name}: the mask's rows {tuple(part.shape)} are not the shard {tuple(local(p).shape)}")
+            out[name] = part.clone()
+        else:
+            out[name] = m
+    return out
+
+
+def _full(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from each process's `part` sharded like the DTensor `like` (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(part, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()).full_tensor()
+
+
+def gather_mask(mask: Mapping[str, torch.Tensor], model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """Every process's mask rows put together, one tensor at a time, on the CPU (a collective);
+    only a process with `keep` holds on to the whole mask, the others get {}."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, m in mask.items():
+        p = params[name]
+        full = _full(m.to(local(p).device, torch.uint8), p).bool() if is_sharded(p) else m
+        if keep:
+            out[name] = full.cpu()
+    return out
+
+
+@torch.no_grad()
+def full_state_dict(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict on the CPU, one tensor at a time (a collective); only a process with
+    `keep` holds on to it, the others get {}."""
+    out = {}
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if is_sharded(t) else t
+        if keep:
+            out[name] = full.detach().cpu().clone()
+    return out
+
+
+def unsharded_copy(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain module of `model`'s class and config holding `state` (what save_pretrained writes)."""
+    with torch.device("meta"):
+        plain = type(model).from_config(model.config)
+    plain.load_state_dict(state, assign=True)
+    return plain
+
+
+def shard_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """This process's bytes of parameters, of gradients (those present now) and of optimizer state."""
+    from erase.masked_adam import optimizer_state_bytes
+
+    params = list(model.parameters())
+    nbytes = lambda t: local(t).numel() * local(t).element_size()  # noqa: E731
+    out = {"parameters": sum(nbytes(p) for p in params), "gradients": sum(nbytes(p.grad) for p in params if p.grad is not None)}
+    if optimizer is not None:
+        out["optimizer"] = optimizer_state_bytes(optimizer)
+    return out
+
+
+class ShardSizes:
+    """This process's bytes of parameters, gradients (read at the first optimizer step, when every
+    gradient is there) and optimizer state (at the end), and the same for all processes."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer, self.gradients = model, optimizer, None
+        self._handle = getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._at_step)
+
+    def _at_step(self, *_) -> None:
+        self.gradients = shard_bytes(self.model)["gradients"]
+        self._handle.remove()
+
+    def record(self, accelerator) -> dict:
+        """What erase_config.json says of the sharding (a collective)."""
+        mine = shard_bytes(self.model, self.optimizer) | {"gradients": self.gradients}
+        every = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(every, mine)
+        params = list(self.model.parameters())
+        whole = {"parameters": sum(p.numel() * p.element_size() for p in params),
+                 "gradients": sum(p.numel() * p.element_size() for p in params if p.requires_grad)}
+        return {"kind": "fsdp2 (torch.distributed.fsdp.fully_shard)", "processes": accelerator.num_processes,
+                "per_process_bytes": every, "unsharded_bytes": whole}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def shard_file(folder: str | os.PathLike, what: str, rank: int, world: int) -> str:
+    return os.path.join(folder, f"{what}.rank{rank}-of-{world}.safetensors")
+
+
+def save_shards(folder: str | os.PathLike, what: str, tensors: Mapping[str, torch.Tensor], rank: int, world: int,
+                metadata: Mapping[str, str] | None = None) -> None:
+    """This process's tensors (local shards) in one safetensors file of the sharded set `what`."""
+    meta = {"sharding": json.dumps({"rank": rank, "world": world}), **(metadata or {})}
+    save_file({k: local(v).detach().contiguous().cpu() for k, v in tensors.items()}, shard_file(folder, what, rank, world), metadata=meta)
+
+
+def load_shards(folder: str | os.PathLike, what: str, rank: int, world: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's file of the sharded set `what`; one clear error when the set was written by
+    another number of processes."""
+    path = shard_file(folder, what, rank, world)
+    if not os.path.isfile(path):
+        others = sorted(f for f in os.listdir(folder) if f.startswith(what + ".rank")) if os.path.isdir(folder) else []
+        if others:
+            raise BadInput(f"{folder} holds {what} sharded for another number of processes ({others[0]}); "
+                           f"this run has {world}: relaunch with that many")
+        raise BadInput(f"{path} not found")
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def save_training_state(folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Each process writes its weight shards and its Adam state (moments and step, by parameter name)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    save_shards(folder, "unet", dict(model.named_parameters()), rank, world)
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    names = {p: n for n, p in model.named_parameters()}
+    state = {}
+    for p, s in optimizer.state.items():
+        for k, v in s.items():
+            state[f"{names[p]}::{k}"] = v.reshape(1) if v.dim() == 0 else v
+    save_shards(folder, "optimizer", state, rank, world)
+
+
+@torch.no_grad()
+def load_training_state(folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Inverse of save_training_state, into this process's shards (the same number of processes)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    weights, _ = load_shards(folder, "unet", rank, world)
+    for name, p in model.named_parameters():
+        local(p).copy_(weights[name])
+    saved, _ = load_shards(folder, "optimizer", rank, world)
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    by_name = dict(model.named_parameters())
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    for key, value in saved.items():
+        name, field = key.split("::")
+        p = by_name[name]
+        if field == "step":  # Adam keeps it on the CPU, fused Adam beside the weights
+            optimizer.state[p][field] = value.reshape(()).to(local(p).device if fused else "cpu")
+        else:
+            optimizer.state[p][field] = _as_param_layout(value.to(local(p).device), p)
+
+
+def _as_param_layout(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A moment read from a file, as the optimizer holds it: a DTensor like `p` when it has p's
+    local shape (torch.optim.Adam on FSDP2 parameters), else the packed tensor itself (MaskedAdam)."""
+    if is_sharded(p) and value.shape == local(p).shape:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return value
