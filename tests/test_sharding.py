@@ -1,0 +1,134 @@
+"""Sharded erasure (`--fsdp`, FSDP2 over gloo here): 2 processes against 1, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from erase.saliency import load_mask
+from test_train import ENV, TRAIN, run_train, small_run, weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(processes: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
+def test_sharded_topk_is_the_one_process_mask(tmp_path: Path) -> None:
+    """The global threshold over shards (two histograms summed over processes) and the ties taken in
+    the whole tensors' order, with uneven and empty shards."""
+    out = tmp_path / "topk.json"
+    proc = subprocess.run(launch(2, 29541) + [str(ROOT / "tests" / "fsdp_topk_script.py"), str(out)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["world"] == 2
+    for ratio, r in found["results"].items():
+        assert r["bits_differ"] == 0, ratio
+        assert r["fraction"][0] == r["fraction"][1]
+        assert r["moving"][0] == r["moving"][1]
+
+
+def compare(one: Path, sharded: Path) -> float:
+    """Same mask to the bit; the largest weight difference between the two runs."""
+    m1, m2 = load_mask(one / "saliency_mask.safetensors"), load_mask(sharded / "saliency_mask.safetensors")
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    a, b = weights(one, "unet"), weights(sharded, "unet")
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def check_sharding_record(folder: Path) -> None:
+    """Each of the 2 processes holds half of the UNet's parameter and gradient bytes, and its own optimizer state."""
+    record = json.loads((folder / "erase_config.json").read_text())
+    assert record["config"]["fsdp"] and record["num_processes"] == 2
+    sharding = record["sharding"]
+    assert sharding["processes"] == 2
+    whole = sharding["unsharded_bytes"]
+    for each in sharding["per_process_bytes"]:
+        assert abs(each["parameters"] / whole["parameters"] - 0.5) < 0.01
+        assert abs(each["gradients"] / whole["gradients"] - 0.5) < 0.01
+        assert 0 < each["optimizer"]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    parent = psutil.Process(proc.pid)
+    for child in parent.children(recursive=True):
+        child.kill()
+    parent.kill()
+    proc.wait()
+
+
+def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
+    """2 FSDP processes against 1 process with 2 micro-batches (the same batches): the same mask, the
+    weights within float reduction order; killed after a checkpoint and resumed: the same weights as
+    the uninterrupted sharded run, to the bit. A sharded checkpoint or mask is refused elsewhere."""
+    args = lambda out, *extra: ["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"),  # noqa: E731
+                                "--max-train-steps", "12", "--checkpointing-steps", "4", *extra]
+    one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    full = run_train(args(tmp_path / "full", "--fsdp"), launcher=launch(2, 29542))
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert compare(tmp_path / "one", tmp_path / "full") < 1e-4
+    check_sharding_record(tmp_path / "full")
+    original, mask = weights(tiny_sd_path, "unet"), load_mask(tmp_path / "full" / "saliency_mask.safetensors")
+    after = weights(tmp_path / "full", "unet")
+    assert all(torch.equal(after[k][~mask[k]], original[k][~mask[k]]) for k in mask)  # masked-out weights untouched
+
+    killed = tmp_path / "killed"
+    checkpoint = tmp_path / ".killed.partial" / "checkpoints" / "checkpoint-4"
+    proc = subprocess.Popen(launch(2, 29543) + [TRAIN, *args(killed, "--fsdp")], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not checkpoint.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    kill_tree(proc)
+    assert not killed.exists(), "the run finished before it could be killed"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [f"{w}.rank{r}-of-2.safetensors" for w in ("optimizer", "unet") for r in (0, 1)]
+
+    unsharded = run_train(args(killed, "--resume-from-checkpoint", str(checkpoint)))
+    assert unsharded.returncode != 0 and "written by a sharded run" in unsharded.stderr
+    shard = tmp_path / ".killed.partial" / "saliency_mask.rank1-of-2.safetensors"
+    foreign = run_train(args(tmp_path / "other", "--mask", str(shard)))
+    assert foreign.returncode != 0 and "one process's rows" in foreign.stderr and not (tmp_path / "other").exists()
+
+    resumed = run_train(args(killed, "--fsdp", "--resume-from-checkpoint", "latest"), launcher=launch(2, 29544))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((killed / "erase_config.json").read_text())["resumed_from"].endswith("checkpoint-4")
+    assert compare(tmp_path / "full", killed) == 0.0
+
+
+@pytest.mark.parametrize("family, extra", [("sd2", ["--method", "esd-x"]), ("sdxl", ["--optimizer-state", "masked"])])
+def test_sharded_families_match_one_process(family: str, extra: list[str], tiny_family_paths: dict, tmp_path: Path) -> None:
+    """SD 2.x (ESD's sharded teacher) and SDXL (Adam's moments for the mask's entries only)."""
+    args = lambda out, *more: ["--concept", "nudity", *small_run(tiny_family_paths[family], out, tmp_path / "cache"), *extra, *more]  # noqa: E731
+    one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded = run_train(args(tmp_path / "sharded", "--fsdp"), launcher=launch(2, 29545))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert compare(tmp_path / "one", tmp_path / "sharded") < 1e-4
+    check_sharding_record(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "uce"], "uce has no training loop"),
+    (["--adversarial"], "does not shard --adversarial"),
+    (["--mixed-precision", "fp16"], "use bf16"),
+    ([], "launch 2 or more"),
+])
+def test_what_fsdp_cannot_shard_is_refused_before_loading(extra: list[str], message: str, tiny_sd_path: Path, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    import erase.train
+
+    monkeypatch.setattr(erase.train, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    proc = run_train(["--concept", "nudity", "--model", str(tiny_sd_path), "--output-dir", str(out), "--fsdp", *extra])
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
