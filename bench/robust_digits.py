@@ -129,7 +129,8 @@ def markdown(result: dict) -> str:
         for name, cells in h["rows"].items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * cells[f'recovery_n{n}']:.1f}" for n in h["vectors"]) + " |")
         lines += ["", f"![recovery against N]({Path(result.get('out', 'robust_digits.json')).with_suffix('.png').name})"]
-    lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
+    concurrent = f" ({result['parts']} parts of the grid at once, one thread each; the longest part's time)" if result.get("parts") else ""
+    lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min{concurrent}."]
     return "\n".join(lines) + "\n"
 
 
@@ -139,6 +140,25 @@ def plot_headline(result: dict, path: Path) -> None:
     if h and h["rows"]:
         line_plot({name: [(n, 100 * cells[f"recovery_n{n}"]) for n in h["vectors"]] for name, cells in h["rows"].items()},
                   path, "token vectors N", f"recovery % ({h['steps']} steps)")
+
+
+def merge(parts: list[str], out: str) -> None:
+    """One table from parts of the grid run at the same time (each process one thread): rows in the
+    grid's order, the wall time of the longest part."""
+    import json
+
+    loaded = [json.loads(Path(p).read_text()) for p in parts]
+    if any(p["protocol"] != loaded[0]["protocol"] for p in loaded):
+        raise SystemExit("the parts were run with different protocols")
+    order = {(c, m): i for i, (c, m) in enumerate((c, m) for c in ("seven", "red", "three") for m in (
+        "salun", "salun + adversarial", "esd-x", "esd-x + adversarial", "rl", "rl + adversarial", "esd-u", "esd-u + adversarial", "uce"))}
+    rows = sorted((r for p in loaded for r in p["rows"]), key=lambda r: order.get((r["concept"], r["method"]), len(order)))
+    result = {**loaded[0], "out": out, "rows": rows, "seeds": {k: v for p in loaded for k, v in p["seeds"].items()},
+              "wall_seconds": max(p["wall_seconds"] for p in loaded), "parts": len(loaded)}
+    result["headline"] = next((p["headline"] for p in loaded if p.get("headline")), None)
+    save_results(result, out, markdown(result))
+    plot_headline(result, Path(out).with_suffix(".png"))
+    print(Path(out).with_suffix(".md").read_text())
 
 
 def main() -> None:
@@ -159,7 +179,10 @@ def main() -> None:
     parser.add_argument("--erase-args", default="", help="extra erase/train.py flags for every erasure (a quick check)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
     parser.add_argument("--out", default="bench/results/robust_digits.json")
+    parser.add_argument("--merge", nargs="+", metavar="PART.json", help="only merge grids run concurrently (same protocol) into --out")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     seeds = {m: 1 for m in args.methods} | {k: int(v) for k, v in (s.split("=") for s in args.seeds)}
     start = time.perf_counter()
     classifier = load_digits_classifier()

@@ -18,10 +18,10 @@ from erase.concepts import Concept, custom_concept, load_concept, merge_concepts
 from erase.conditioning import Conditioning, cat
 from erase.objectives import esd_loss, noised, saliency_loss, salun_loss, step_generator
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, moving_tensors, read_mask_shapes
-from erase.sharding import local
+from erase.sharding import check_shardable, local
 from erase.sd import encode_images, encode_prompts, frozen_parts, image_set
 
-__all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "check_shardable", "frozen_copy", "hold_frozen", "masked_optimizer",
+__all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "frozen_copy", "hold_frozen", "masked_optimizer",
            "prepare_data", "release_frozen", "saliency_mask", "train_steps"]
 
 
@@ -148,16 +148,6 @@ class TrainConfig:
     def resolve_concept(self) -> Concept:
         """The run's concepts as one: every forget/anchor pair, the retain prompts none of them forgets."""
         return merge_concepts(self.resolve_concepts())
-
-
-def check_shardable(cfg: TrainConfig) -> None:
-    """What --fsdp (or Accelerate's FSDP plugin) cannot shard, refused before any model loads."""
-    if cfg.method == "uce":
-        raise ValueError("--fsdp shards training: uce has no training loop (it edits in seconds on one process)")
-    if cfg.adversarial:
-        raise ValueError("--fsdp does not shard --adversarial training yet (its inner attack runs on one process's UNet)")
-    if cfg.mixed_precision == "fp16":
-        raise ValueError("--fsdp trains in fp32 or bf16: fp16's gradient scaler does not take sharded gradients (use bf16)")
 
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

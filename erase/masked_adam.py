@@ -75,9 +75,9 @@ class MaskedAdam(torch.optim.Optimizer):
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's state (moments and step counters; for MaskedAdam
-    also its packed masks)."""
+    also its packed masks); of a sharded run, this process's own."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    total = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    total = sum(local(t).numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     if isinstance(optimizer, MaskedAdam):
         total += sum(t.numel() * t.element_size() for t in optimizer._packed.values())
     return total

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from erase.command import BadInput
 
 __all__ = ["ShardSizes", "full_state_dict", "gather_mask", "is_sharded", "load_shards", "load_training_state", "local",
-           "local_mask", "save_shards", "save_training_state", "set_gradient_sum", "shard_bytes", "shard_file", "shard_unet",
+           "local_mask", "save_shards", "save_training_state", "set_gradient_sum", "shard_bytes", "shard_file", "shard_unet", "shard_units",
            "unsharded_copy"]
 
 
@@ -42,16 +42,30 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
+def shard_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP gathers one at a time, innermost first: every transformer layer and every
+    resnet, then each attention, each down, mid and up block (what is left of it: its samplers).
+    The UNet itself (embeddings, first and last convs) comes last. Sharding at this grain keeps the
+    largest gathered unit small: SDXL's ten-layer attentions would otherwise gather 1.3B weights."""
+    units = []
+    for block in [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]:
+        for attention in getattr(block, "attentions", None) or []:
+            units += list(getattr(attention, "transformer_blocks", []))
+            units.append(attention)
+        units += list(getattr(block, "resnets", None) or [])
+        units.append(block)
+    return units
+
+
 def shard_unet(unet: torch.nn.Module, device: torch.device, reshard_after_forward: bool = True) -> torch.nn.Module:
-    """fully_shard each down, mid and up block, then the rest of the UNet, over every launched
-    process; in place (the parameters become DTensors). Gradients are reduced as DDP's mean."""
+    """fully_shard every unit of `shard_units`, then the UNet, over every launched process; in
+    place (the parameters become DTensors). Gradients are reduced as DDP's mean."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
-    for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for unit in shard_units(unet):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(unet, mesh=mesh, reshard_after_forward=reshard_after_forward)
     set_gradient_sum(unet, mean=True)
     return unet
@@ -67,6 +81,46 @@ def set_gradient_sum(unet: torch.nn.Module, mean: bool) -> None:
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
             module.set_gradient_divide_factor(factor)
+
+
+def check_shardable(cfg) -> None:
+    """What --fsdp (or Accelerate's FSDP plugin) cannot shard, refused before any model loads."""
+    if cfg.method == "uce":
+        raise ValueError("--fsdp shards training: uce has no training loop (it edits in seconds on one process)")
+    if cfg.adversarial:
+        raise ValueError("--fsdp does not shard --adversarial training yet (its inner attack runs on one process's UNet)")
+    if cfg.mixed_precision == "fp16":
+        raise ValueError("--fsdp trains in fp32 or bf16: fp16's gradient scaler does not take sharded gradients (use bf16)")
+
+
+def sharding_of(cfg, accelerator) -> bool:
+    """Whether this run shards the UNet (--fsdp, or a launch under Accelerate's FSDP plugin); what it
+    cannot shard is refused here, before any model loads."""
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.distributed_type == DistributedType.FSDP
+    if not (cfg.fsdp or plugin):
+        return False
+    check_shardable(cfg)
+    if plugin and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise BadInput("erase/train.py shards with FSDP2: launch with --fsdp_version 2 (fsdp_version: 2 in a config file)")
+    if accelerator.num_processes < 2:
+        raise BadInput("--fsdp shards over the launched processes: launch 2 or more (accelerate launch --num_processes N; "
+                       "on the CPU with --multi_gpu and ACCELERATE_USE_CPU=1)")
+    return True
+
+
+def check_checkpoint_sharding(checkpoint: str | None, sharded: bool, accelerator) -> None:
+    """A checkpoint resumes only under the sharding that wrote it: refused before any model loads."""
+    if checkpoint is None:
+        return
+    shards = sorted(f for f in os.listdir(checkpoint) if f.startswith("unet.rank"))
+    mine = os.path.basename(shard_file(checkpoint, "unet", accelerator.process_index, accelerator.num_processes))
+    if sharded and mine not in shards:
+        written = f"by {shards[0].split('-of-')[1].split('.')[0]} sharded processes" if shards else "without --fsdp"
+        raise BadInput(f"{checkpoint} was written {written}; this run shards over {accelerator.num_processes}: relaunch as it was")
+    if not sharded and shards:
+        raise BadInput(f"{checkpoint} was written by a sharded run ({shards[0]}): relaunch with --fsdp and as many processes")
 
 
 def local_mask(mask: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

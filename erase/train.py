@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed  # noqa: E402
+from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from erase.atomic import replace_dir, shared_output_dir, write_json  # noqa: E402
@@ -55,7 +55,6 @@ from erase.erasure import (  # noqa: E402
     WEIGHT_DTYPES,
     TrainConfig,
     attack_round,
-    check_shardable,
     frozen_copy,
     hold_frozen,
     masked_optimizer,
@@ -132,34 +131,6 @@ def save_masks(mask, unet, staging: str, accelerator: Accelerator, sharded: bool
         save_mask(mask, os.path.join(staging, "saliency_mask.safetensors"), metadata=metadata)
 
 
-def sharding_of(cfg: TrainConfig, accelerator: Accelerator) -> bool:
-    """Whether this run shards the UNet (--fsdp, or a launch under Accelerate's FSDP plugin); what it
-    cannot shard is refused here, before any model loads."""
-    plugin = accelerator.distributed_type == DistributedType.FSDP
-    if not (cfg.fsdp or plugin):
-        return False
-    check_shardable(cfg)
-    if plugin and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-        raise BadInput("erase/train.py shards with FSDP2: launch with --fsdp_version 2 (fsdp_version: 2 in a config file)")
-    if accelerator.num_processes < 2:
-        raise BadInput("--fsdp shards over the launched processes: launch 2 or more (accelerate launch --num_processes N; "
-                       "on the CPU with --multi_gpu and ACCELERATE_USE_CPU=1)")
-    return True
-
-
-def check_checkpoint_sharding(checkpoint: str | None, sharded: bool, accelerator: Accelerator) -> None:
-    """A checkpoint resumes only under the sharding that wrote it: refused before any model loads."""
-    if checkpoint is None:
-        return
-    shards = sorted(f for f in os.listdir(checkpoint) if f.startswith("unet.rank"))
-    mine = os.path.basename(sharding.shard_file(checkpoint, "unet", accelerator.process_index, accelerator.num_processes))
-    if sharded and mine not in shards:
-        written = f"by {shards[0].split('-of-')[1].split('.')[0]} sharded processes" if shards else "without --fsdp"
-        raise BadInput(f"{checkpoint} was written {written}; this run shards over {accelerator.num_processes}: relaunch as it was")
-    if not sharded and shards:
-        raise BadInput(f"{checkpoint} was written by a sharded run ({shards[0]}): relaunch with --fsdp and as many processes")
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -223,11 +194,11 @@ def train(cfg: TrainConfig) -> str:
     )
     device = accelerator.device
     check_launch(accelerator.num_processes)
-    sharded = sharding_of(cfg, accelerator)
+    sharded = sharding.sharding_of(cfg, accelerator)
     if cfg.method == "uce":
         return edit_closed_form(cfg, concepts, accelerator, staging)
     checkpoint = latest_checkpoint(staging, cfg.resume_from_checkpoint)
-    check_checkpoint_sharding(checkpoint, sharded, accelerator)
+    sharding.check_checkpoint_sharding(checkpoint, sharded, accelerator)
     notes = []  # what the run did other than asked, also in erase_config.json
     if cfg.resume_from_checkpoint == "latest" and checkpoint is None:
         notes.append(f"--resume-from-checkpoint latest found no checkpoint in {staging}: started afresh")

@@ -46,8 +46,9 @@ def compare(one: Path, sharded: Path) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def check_sharding_record(folder: Path) -> None:
-    """Each of the 2 processes holds half of the UNet's parameter and gradient bytes, and its own optimizer state."""
+def check_sharding_record(folder: Path, one: Path) -> None:
+    """Each of the 2 processes holds half of the UNet's parameter, gradient and optimizer bytes."""
+    one_process_optimizer = json.loads((one / "erase_config.json").read_text())["optimizer"]["state_bytes"]
     record = json.loads((folder / "erase_config.json").read_text())
     assert record["config"]["fsdp"] and record["num_processes"] == 2
     sharding = record["sharding"]
@@ -56,7 +57,7 @@ def check_sharding_record(folder: Path) -> None:
     for each in sharding["per_process_bytes"]:
         assert abs(each["parameters"] / whole["parameters"] - 0.5) < 0.01
         assert abs(each["gradients"] / whole["gradients"] - 0.5) < 0.01
-        assert 0 < each["optimizer"]
+        assert abs(each["optimizer"] / one_process_optimizer - 0.5) < 0.01
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -78,7 +79,7 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
     full = run_train(args(tmp_path / "full", "--fsdp"), launcher=launch(2, 29542))
     assert full.returncode == 0, full.stderr[-3000:]
     assert compare(tmp_path / "one", tmp_path / "full") < 1e-4
-    check_sharding_record(tmp_path / "full")
+    check_sharding_record(tmp_path / "full", tmp_path / "one")
     original, mask = weights(tiny_sd_path, "unet"), load_mask(tmp_path / "full" / "saliency_mask.safetensors")
     after = weights(tmp_path / "full", "unet")
     assert all(torch.equal(after[k][~mask[k]], original[k][~mask[k]]) for k in mask)  # masked-out weights untouched
@@ -114,7 +115,7 @@ def test_sharded_families_match_one_process(family: str, extra: list[str], tiny_
     sharded = run_train(args(tmp_path / "sharded", "--fsdp"), launcher=launch(2, 29545))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert compare(tmp_path / "one", tmp_path / "sharded") < 1e-4
-    check_sharding_record(tmp_path / "sharded")
+    check_sharding_record(tmp_path / "sharded", tmp_path / "one")
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -132,3 +133,21 @@ def test_what_fsdp_cannot_shard_is_refused_before_loading(extra: list[str], mess
     proc = run_train(["--concept", "nudity", "--model", str(tiny_sd_path), "--output-dir", str(out), "--fsdp", *extra])
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_accelerates_fsdp_plugin_selects_sharding_and_must_be_fsdp2() -> None:
+    """`accelerate launch --use_fsdp` (distributed type FSDP) shards as --fsdp does; FSDP1 is refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from erase.command import BadInput
+    from erase.sharding import sharding_of
+
+    cfg = SimpleNamespace(fsdp=False, method="salun", adversarial=False, mixed_precision="bf16")
+    plugin = lambda version: SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2,  # noqa: E731
+                                             state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+    assert sharding_of(cfg, plugin(2))
+    with pytest.raises(BadInput, match="fsdp_version 2"):
+        sharding_of(cfg, plugin(1))
+    assert not sharding_of(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=2))
