@@ -17,8 +17,8 @@ from erase.command import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept, merge_concepts
 from erase.conditioning import Conditioning, cat
 from erase.objectives import esd_loss, noised, saliency_loss, salun_loss, step_generator
-from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, moving_tensors, read_mask_shapes
-from erase.sharding import check_shardable, local
+from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, read_mask_shapes
+from erase.sharding import check_shardable, local, moving_tensors
 from erase.sd import encode_images, encode_prompts, frozen_parts, image_set
 
 __all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "frozen_copy", "hold_frozen", "masked_optimizer",

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
-from erase.saliency import check_mask_matches, moving_tensors, pack_bits, unpack_bits
-from erase.sharding import local
+from erase.saliency import check_mask_matches, pack_bits, unpack_bits
+from erase.sharding import local, moving_tensors
 
 __all__ = ["MaskedAdam", "optimizer_state_bytes"]
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from erase.atomic import replace_path
 from erase.command import BadInput
-from erase.sharding import is_sharded, local, set_gradient_sum
+from erase.sharding import gather_over_processes, is_sharded, local, set_gradient_sum, sum_over_processes
 
 logger = logging.getLogger(__name__)
 
@@ -79,22 +79,6 @@ def select_parameters(
 _BUCKET_SHIFT = 15  # 2^16 buckets over the top bits of the int32 pattern (1/128 of an octave each), 2^15 below
 
 
-def _collective_device(t: torch.Tensor) -> torch.device:
-    """Where a collective can take `t`: nccl needs the GPU, gloo takes either."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return t.device
-
-
-def _sum_over_processes(t: torch.Tensor, sharded: bool) -> torch.Tensor:
-    """`t` summed over the processes when the data is sharded (and more than one process runs)."""
-    if sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        moved = t.to(_collective_device(t))
-        torch.distributed.all_reduce(moved)
-        return moved.to(t.device)
-    return t
-
-
 def _kth_largest_bits(bits: Sequence[torch.Tensor], k: int, sharded: bool = False) -> int:
     """Bit pattern of the k-th largest value (radix select): a histogram of the top 16 bits finds
     the bucket holding it, a histogram of the low 15 bits of that bucket's values finds the value.
@@ -103,12 +87,12 @@ def _kth_largest_bits(bits: Sequence[torch.Tensor], k: int, sharded: bool = Fals
     hist = torch.zeros(1 << (31 - _BUCKET_SHIFT), dtype=torch.int64, device=device)
     for b in bits:
         hist += torch.bincount((b >> _BUCKET_SHIFT).reshape(-1).long(), minlength=len(hist)).to(device)
-    bucket, rank = _bucket_of_rank(_sum_over_processes(hist, sharded), k)
+    bucket, rank = _bucket_of_rank(sum_over_processes(hist, sharded), k)
     low = torch.zeros(1 << _BUCKET_SHIFT, dtype=torch.int64, device=device)
     for b in bits:
         inside = b[(b >> _BUCKET_SHIFT) == bucket]
         low += torch.bincount((inside & ((1 << _BUCKET_SHIFT) - 1)).long(), minlength=len(low)).to(device)
-    value, _ = _bucket_of_rank(_sum_over_processes(low, sharded), rank)
+    value, _ = _bucket_of_rank(sum_over_processes(low, sharded), rank)
     return (bucket << _BUCKET_SHIFT) | value
 
 
@@ -122,15 +106,8 @@ def _bucket_of_rank(hist: torch.Tensor, k: int) -> tuple[int, int]:
 def _ties_to_take(ties: torch.Tensor, need: int, sharded: bool) -> list[int]:
     """How many of this process's ties at the threshold each tensor keeps: `need` of them in the
     global order, tensor by tensor and, inside a tensor, rank by rank (dim-0 shards in rank order)."""
-    if not (sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        counts, me = ties.reshape(1, -1), 0
-    else:
-        ties = ties.to(_collective_device(ties))
-        parts = [torch.empty_like(ties) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(parts, ties)
-        counts, me = torch.stack(parts), torch.distributed.get_rank()
+    counts, me = gather_over_processes(ties, sharded)
     take = []
-    counts = counts.cpu().tolist()
     for t in range(len(counts[0])):
         for r, row in enumerate(counts):
             n = min(need, row[t])
@@ -161,12 +138,12 @@ def global_topk_mask(scores: Mapping[str, torch.Tensor], ratio: float, sharded: 
             raise ValueError(f"saliency scores of {name!r} must be finite and non-negative")
         bits[name] = s.view(torch.int32)
     device = next(iter(bits.values())).device
-    total = int(_sum_over_processes(torch.tensor(sum(b.numel() for b in bits.values()), device=device), sharded))
+    total = int(sum_over_processes(torch.tensor(sum(b.numel() for b in bits.values()), device=device), sharded))
     k = round(ratio * total)
     if k == 0:
         raise ValueError(f"ratio {ratio} keeps no weight out of {total}")
     threshold = _kth_largest_bits(list(bits.values()), k, sharded)
-    above = _sum_over_processes(torch.tensor(sum(int((b > threshold).sum()) for b in bits.values()), device=device), sharded)
+    above = sum_over_processes(torch.tensor(sum(int((b > threshold).sum()) for b in bits.values()), device=device), sharded)
     need = k - int(above)  # ties at the threshold to keep
     ties = torch.tensor([int((b == threshold).sum()) if need > 0 else 0 for b in bits.values()], dtype=torch.int64, device=device)
     take = _ties_to_take(ties, need, sharded)
@@ -183,17 +160,8 @@ def global_topk_mask(scores: Mapping[str, torch.Tensor], ratio: float, sharded: 
 def mask_fraction(mask: Mapping[str, torch.Tensor], sharded: bool = False) -> float:
     """The fraction of weights the mask keeps (`sharded`: over every process's rows)."""
     counts = torch.tensor([sum(int(m.sum()) for m in mask.values()), sum(m.numel() for m in mask.values())], dtype=torch.int64)
-    kept, total = _sum_over_processes(counts, sharded).tolist()
+    kept, total = sum_over_processes(counts, sharded).tolist()
     return kept / max(1, total)
-
-
-def moving_tensors(mask: Mapping[str, torch.Tensor], sharded: bool = False) -> set[str]:
-    """The names of the tensors with at least one mask==1 weight (`sharded`: in any process's rows,
-    so that every process trains the same tensors)."""
-    names = list(mask)
-    flags = torch.tensor([bool(mask[n].any()) for n in names], dtype=torch.int64)
-    flags = _sum_over_processes(flags, sharded)
-    return {n for n, f in zip(names, flags.tolist()) if f}
 
 
 def compute_saliency_mask(

@@ -26,8 +26,10 @@ from safetensors.torch import save_file
 
 from erase.command import BadInput
 
-__all__ = ["ShardSizes", "full_state_dict", "gather_mask", "is_sharded", "load_shards", "load_training_state", "local",
-           "local_mask", "save_shards", "save_training_state", "set_gradient_sum", "shard_bytes", "shard_file", "shard_unet", "shard_units",
+__all__ = ["ShardSizes", "check_checkpoint_sharding", "check_shardable", "collective_device", "full_state_dict", "gather_mask",
+           "gather_over_processes", "is_sharded", "load_shards", "load_training_state", "local", "local_mask", "moving_tensors",
+           "save_shards", "save_training_state", "set_gradient_sum", "shard_bytes", "shard_file", "shard_unet", "sharding_of",
+           "sum_over_processes", "shard_units",
            "unsharded_copy"]
 
 
@@ -40,6 +42,40 @@ def is_sharded(t: torch.Tensor) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's part of a sharded tensor (a view), or the tensor itself."""
     return t.to_local() if is_sharded(t) else t
+
+
+def collective_device(t: torch.Tensor) -> torch.device:
+    """Where a collective can take `t`: nccl needs the GPU, gloo takes either."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def sum_over_processes(t: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """`t` summed over the processes when the data is sharded (and more than one process runs)."""
+    if sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        moved = t.to(collective_device(t))
+        torch.distributed.all_reduce(moved)
+        return moved.to(t.device)
+    return t
+
+
+def gather_over_processes(t: torch.Tensor, sharded: bool) -> tuple[list[list[int]], int]:
+    """Every process's 1-d integer tensor `t` as rows (in rank order), and this process's row."""
+    if not (sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [t.tolist()], 0
+    moved = t.to(collective_device(t))
+    parts = [torch.empty_like(moved) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, moved)
+    return [p.tolist() for p in parts], torch.distributed.get_rank()
+
+
+def moving_tensors(mask: Mapping[str, torch.Tensor], sharded: bool = False) -> set[str]:
+    """The names of the tensors with at least one mask==1 weight (`sharded`: in any process's rows,
+    so that every process trains the same tensors)."""
+    names = list(mask)
+    flags = sum_over_processes(torch.tensor([bool(mask[n].any()) for n in names], dtype=torch.int64), sharded)
+    return {n for n, f in zip(names, flags.tolist()) if f}
 
 
 def shard_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
@@ -182,33 +218,29 @@ def unsharded_copy(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
     return plain
 
 
-def shard_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
-    """This process's bytes of parameters, of gradients (those present now) and of optimizer state."""
-    from erase.masked_adam import optimizer_state_bytes
-
+def shard_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """This process's bytes of parameters and of gradients (those present now)."""
     params = list(model.parameters())
     nbytes = lambda t: local(t).numel() * local(t).element_size()  # noqa: E731
-    out = {"parameters": sum(nbytes(p) for p in params), "gradients": sum(nbytes(p.grad) for p in params if p.grad is not None)}
-    if optimizer is not None:
-        out["optimizer"] = optimizer_state_bytes(optimizer)
-    return out
+    return {"parameters": sum(nbytes(p) for p in params), "gradients": sum(nbytes(p.grad) for p in params if p.grad is not None)}
 
 
 class ShardSizes:
-    """This process's bytes of parameters, gradients (read at the first optimizer step, when every
-    gradient is there) and optimizer state (at the end), and the same for all processes."""
+    """This process's bytes of parameters and gradients (read at the first optimizer step, when every
+    gradient is there), and the same for all processes."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer, self.gradients = model, optimizer, None
+        self.model, self.gradients = model, None
         self._handle = getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._at_step)
 
     def _at_step(self, *_) -> None:
         self.gradients = shard_bytes(self.model)["gradients"]
         self._handle.remove()
 
-    def record(self, accelerator) -> dict:
-        """What erase_config.json says of the sharding (a collective)."""
-        mine = shard_bytes(self.model, self.optimizer) | {"gradients": self.gradients}
+    def record(self, accelerator, optimizer_bytes: int) -> dict:
+        """What erase_config.json says of the sharding (a collective); `optimizer_bytes`: this
+        process's optimizer state (erase.masked_adam.optimizer_state_bytes)."""
+        mine = shard_bytes(self.model) | {"gradients": self.gradients, "optimizer": optimizer_bytes}
         every = [None] * accelerator.num_processes
         torch.distributed.all_gather_object(every, mine)
         params = list(self.model.parameters())

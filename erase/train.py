@@ -291,7 +291,7 @@ def train(cfg: TrainConfig) -> str:
 
     record = {}
     if sharded:  # every process takes part in gathering the weights and the sizes; the main one keeps them
-        record["sharding"] = sizes.record(accelerator)
+        record["sharding"] = sizes.record(accelerator, optimizer_state_bytes(optimizer))
         state = sharding.full_state_dict(unet, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
         pipe.unet = sharding.unsharded_copy(unet, state) if sharded else accelerator.unwrap_model(unet)

@@ -8,7 +8,8 @@ import sys
 import torch
 from accelerate import PartialState
 
-from erase.saliency import global_topk_mask, mask_fraction, moving_tensors
+from erase.saliency import global_topk_mask, mask_fraction
+from erase.sharding import moving_tensors
 
 
 def main(out: str) -> None:
