@@ -43,34 +43,36 @@ def save_results(result: dict, out: str | os.PathLike, markdown: str) -> None:
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: str | os.PathLike, x_label: str, y_label: str,
-              y_max: float = 100.0, size: tuple[int, int] = (360, 240)) -> None:
+              y_max: float = 100.0, size: tuple[int, int] = (360, 240), log_x: bool = True, connect: bool = True) -> None:
     """A small PNG line plot of `series` ({name: [(x, y), ...]}) with PIL alone: x on a log2 axis
-    (1, 2, 4, 8 ...), y from 0 to `y_max`, one colour per series, a legend."""
+    (1, 2, 4, 8 ...; `log_x=False`: linear, ticks at both ends and between), y from 0 to `y_max`,
+    one colour per series, a legend; `connect=False` draws the points alone."""
     import math
 
     from PIL import Image, ImageDraw
 
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
     w, h = size
     left, right, top, bottom = 44, 12, 12, 34
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     xs = sorted({x for points in series.values() for x, _ in points})
-    lo, hi = math.log2(min(xs)), math.log2(max(xs))
-    px = lambda x: left + (w - left - right) * ((math.log2(x) - lo) / (hi - lo) if hi > lo else 0.5)  # noqa: E731
+    scale = math.log2 if log_x else (lambda x: x)
+    lo, hi = scale(min(xs)), scale(max(xs))
+    px = lambda x: left + (w - left - right) * ((scale(x) - lo) / (hi - lo) if hi > lo else 0.5)  # noqa: E731
     py = lambda y: h - bottom - (h - top - bottom) * y / y_max  # noqa: E731
     draw.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
     for tick in (0, y_max / 2, y_max):
         draw.text((4, py(tick) - 6), f"{tick:g}", fill="black")
         draw.line([(left - 3, py(tick)), (left, py(tick))], fill="black")
-    for x in xs:
-        draw.text((px(x) - 3, h - bottom + 4), f"{x:g}", fill="black")
+    for x in xs if log_x else sorted({min(xs), (min(xs) + max(xs)) / 2, max(xs)}):
+        draw.text((px(x) - 3, h - bottom + 4), f"{x:.3g}", fill="black")
     draw.text((left + (w - left - right) // 2 - 3 * len(x_label), h - 14), x_label, fill="black")
     draw.text((left + 4, top), y_label, fill="black")
     for i, (name, points) in enumerate(series.items()):
         colour = colours[i % len(colours)]
         coords = [(px(x), py(y)) for x, y in sorted(points)]
-        if len(coords) > 1:
+        if connect and len(coords) > 1:
             draw.line(coords, fill=colour, width=2)
         for cx, cy in coords:
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)

@@ -5,17 +5,21 @@
 # 1. every method in bf16 and fp16 end to end on a tiny pipeline (tests marked cuda);
 # 2. bench/sd_gpu.py on the SD v1.4 architecture, bf16, with and without gradient checkpointing,
 #    scaled to NUM_IMAGES images per set (the full recipe's time is projected from the measured rates);
-# 3. bench/attack_sd.py: attack time per prompt (UnlearnDiffAtk, concept inversion) on that architecture.
+# 3. bench/attack_sd.py: attack time per prompt (UnlearnDiffAtk, concept inversion) on that architecture;
+# 4. bench/memory.py: the computed per-process memory table, step 2's measured peaks beside its SD 1.x rows.
 set -euo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 n=${NUM_IMAGES:-96}
 py=${PYTHON:-python}
 size=()
-if [ -n "${TINY:-}" ]; then size=(--tiny --generation-steps 2 --max-train-steps 3 --train-batch-size 2); n=4; fi
+batch=8  # bench/sd_gpu.py's train batch (the paper's)
+if [ -n "${TINY:-}" ]; then size=(--tiny --generation-steps 2 --max-train-steps 3 --train-batch-size 2); n=4; batch=2; fi
 "$py" -m pytest -q -m cuda tests/ 2>&1 | tail -n 15 | tee "$out/cuda_tests.txt"
 for ckpt in --gradient-checkpointing ""; do
     name=sd_gpu_bf16${ckpt:+_checkpointing}
     "$py" bench/sd_gpu.py "${size[@]}" --mixed-precision bf16 --num-images "$n" $ckpt --out "$out/$name.json"
 done
 "$py" bench/attack_sd.py ${TINY:+--tiny} --out "$out/attack_sd.json"
+# 4. the computed per-process memory table, with the measured peaks of step 2 beside its SD 1.x rows
+"$py" bench/memory.py --batch "$batch" --measured "$out"/sd_gpu_bf16*.json --out "$out/memory.json"

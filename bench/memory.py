@@ -19,17 +19,22 @@ The frozen text encoder(s) and VAE (bf16) are on the GPU while the image sets ar
 encoded, then leave it (erase/erasure.py's release_frozen): shown apart, not in the total.
 Not counted: the CUDA context and the allocator's fragmentation (a few hundred MB to a GB or two),
 the cached latents (50 MB for 800 SD images).
-Measured peaks (`torch.cuda.max_memory_allocated`) come from bench/sd_gpu.py where a GPU is lent:
-none of this session's; the table says "not measured".
+Measured peaks (`torch.cuda.max_memory_allocated` of the training phase) come from bench/sd_gpu.py
+runs where a GPU is lent (`--measured`, as bench/gpu_check.sh passes them): SD 1.x on one process,
+fp32 masters and dense Adam, with the run's own batch and checkpointing. Other rows, and every row
+without such a run, say "not measured".
 
     python bench/memory.py --out bench/results/memory.json
+    python bench/memory.py --batch 8 --measured OUT/sd_gpu_bf16.json OUT/sd_gpu_bf16_checkpointing.json --out OUT/memory.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -184,7 +189,8 @@ def per_process(sizes: dict, processes: int, masters: str, state: str, checkpoin
 def markdown(result: dict) -> str:
     lines = ["# What fits on a 24 GB card: SalUn per process, computed from the configs (meta device)", "",
              f"One forget and one retain image per process and step (`--train-batch-size {result['batch']}`), mask ratio "
-             f"{result['ratio']}, bf16 autocast, flash-style attention. GiB per process; the measured peak needs a GPU.", ""]
+             f"{result['ratio']}, bf16 autocast, flash-style attention. GiB per process; a measured peak needs a GPU "
+             "(bench/sd_gpu.py through bench/gpu_check.sh).", ""]
     for key, sizes in result["models"].items():
         a = sizes["activations_per_image"]
         lines += [f"**{sizes['name']}**: {sizes['unet_parameters'] / 1e9:.2f}B UNet weights, largest FSDP unit "
@@ -201,13 +207,13 @@ def markdown(result: dict) -> str:
             lines.append(f"| {row['processes']} | {row['masters']} | {row['state']} | {'yes' if row['checkpointing'] else 'no'} | "
                          f"{g['weights']:.2f} | {g['gradients']:.2f} | {g['optimizer']:.2f} | {g['mask_bits']:.2f} | "
                          f"{g['gathered_units']:.2f} | {g['activations']:.2f} | **{g['total']:.2f}** | "
-                         f"{'yes' if g['total'] <= 22.35 else 'no'} | not measured |")
+                         f"{'yes' if g['total'] <= 22.35 else 'no'} | {row['measured_peak']} |")
         lines.append("")
     lines += ["fits 24 GB: the total within 22.35 GiB (24 GB = 22.35 GiB), before the CUDA context and fragmentation.",
               "The mask's phase holds the same gradients and 2 x `--saliency-batch-size` images' activations (the conditional "
               "and unconditional passes): on a 24 GB card give SDXL `--saliency-batch-size 1`.",
               "bf16 masters are a computed row only: erase/train.py keeps fp32 masters under `--mixed-precision bf16`.", "",
-              f"Machine: {result['machine']} (computed, nothing measured)."]
+              f"Machine: {result['machine']}" + ("" if result["measured"] else " (computed, nothing measured).")]
     return "\n".join(lines) + "\n"
 
 
@@ -215,8 +221,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1, help="--train-batch-size per process")
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--measured", nargs="*", default=[], metavar="SD_GPU.json", help="bench/sd_gpu.py results to set beside")
     parser.add_argument("--out", default="bench/results/memory.json")
     args = parser.parse_args()
+    measured = {}  # checkpointing -> (peak GiB of the training phase, device), SD 1.x at --batch per process
+    for path in args.measured:
+        run = json.loads(Path(path).read_text())
+        if run["settings"]["train_batch_size"] == args.batch and not run["model"].endswith("(tiny config)"):
+            measured[bool(run["settings"]["gradient_checkpointing"])] = (run["peak_memory_gib"]["train"], run["device"])
     models = {key: model_sizes(key) for key in MODELS}
     rows = []
     for key, sizes in models.items():
@@ -224,10 +236,12 @@ def main() -> None:
             for masters in ("fp32", "bf16"):
                 for state in ("dense", "masked"):
                     for checkpointing in (True, False):
+                        found = measured.get(checkpointing) if (key, processes, masters, state) == ("sd1", 1, "fp32", "dense") else None
                         rows.append({"model": key, "processes": processes, "masters": masters, "state": state,
-                                     "checkpointing": checkpointing, "measured_peak": "not measured (no GPU lent)",
+                                     "checkpointing": checkpointing,
+                                     "measured_peak": f"{found[0]:.2f} GiB on {found[1]}" if found else "not measured",
                                      "bytes": per_process(sizes, processes, masters, state, checkpointing, args.batch, args.ratio)})
-    result = {"batch": args.batch, "ratio": args.ratio, "models": models, "rows": rows, "machine": machine()}
+    result = {"batch": args.batch, "ratio": args.ratio, "models": models, "rows": rows, "measured": args.measured, "machine": machine()}
     text = markdown(result)
     save_results(result, args.out, text)
     print(text)
