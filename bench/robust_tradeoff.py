@@ -39,6 +39,8 @@ SETTINGS = {  # name: erase/train.py flags on top of the concept file's recipe (
     "adversarial, every 20": f"{ADV} --adversarial-every 20",
     "adversarial, 2 vectors": f"{ADV} --adversarial-vectors 2",
     "adversarial, mask both": f"{ADV} --adversarial-mask both",
+    "adversarial, text encoder": f"{ADV} --adversarial-trains text-encoder",
+    "adversarial, UNet + text encoder": f"{ADV} --adversarial-trains both",
 }
 
 

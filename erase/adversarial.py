@@ -17,6 +17,12 @@ with the attack this toolkit finds strongest: concept inversion with N token vec
 Every random draw depends on (seed, step), and the vectors with their Adam moments are saved in
 each checkpoint (safetensors), so a resumed run replays the uninterrupted one. Every process runs
 the same inner attack on the same data and arrives at the same vectors.
+
+What the outer step trains (`--adversarial-trains`): the UNet under its mask (default), the text
+encoder(s) instead (AdvUnlearn's choice: the forget, adversarial and retain prompts are encoded
+afresh each step, with gradients; the anchor keeps the original encoder's conditioning, the target
+to move towards), or both. `TrainedTextEncoders` holds them in fp32, averages their gradients over
+the processes, and saves them in each checkpoint as safetensors.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from erase.inversion import denoising_loss, inversion_captions, inversion_tokens
 from erase.objectives import step_generator
 from erase.tokens import PlaceholderTokens
 
-__all__ = ["AdversarialSettings", "AdversarialTokens", "adversarial_captions", "with_adversarial"]
+__all__ = ["AdversarialSettings", "AdversarialTokens", "TrainedTextEncoders", "adversarial_captions", "with_adversarial"]
 
 _STATE_FILE = "adversarial.safetensors"
 _ADV_STREAM = 7_777  # the inner attack's generator stream (apart from the batches' and the mask's)
@@ -101,12 +107,12 @@ class AdversarialTokens:
         self.last_loss = losses[-1]
         return losses
 
-    @torch.no_grad()
-    def conditioning(self, prompts: Sequence[str], resolution: int | None = None) -> Conditioning:
-        """The adversarial caption of each prompt, encoded with the current vectors (no gradient)."""
+    def conditioning(self, prompts: Sequence[str], resolution: int | None = None, grad: bool = False) -> Conditioning:
+        """The adversarial caption of each prompt, encoded with the current vectors (fixed); `grad`:
+        with gradients for the text encoder(s) when they are trained."""
         from erase.sd import text_conditioning
 
-        with PlaceholderTokens(self.pipe, self.tokens) as place:
+        with torch.set_grad_enabled(grad), PlaceholderTokens(self.pipe, self.tokens) as place:
             place.set([v.detach().to(m.dtype) for v, m in zip(self.vectors, place.embedding_matrices(), strict=True)])
             return text_conditioning(self.pipe, [self.captions[p] for p in prompts], resolution=resolution)
 
@@ -134,6 +140,71 @@ class AdversarialTokens:
                 if f"step.{i}" in state:
                     self.optimizer.state[v] = {key: state[f"{key}.{i}"].to(v.device if key != "step" else "cpu")
                                                for key in ("step", "exp_avg", "exp_avg_sq")}
+
+
+class TrainedTextEncoders:
+    """The pipeline's text encoder(s) as trained weights: fp32 on `device`, every weight trainable.
+    The caller leaves them out of the frozen parts it swaps back, so the published pipeline carries
+    them. Gradients are averaged over the processes before each optimizer step (as DDP does; they
+    are not wrapped, since the inner attack and the outer step both call them through the pipeline)."""
+
+    _FILE = "text_encoders.safetensors"
+
+    def __init__(self, pipe, device: torch.device, originals: dict[str, dict[str, torch.Tensor]]) -> None:
+        """`originals`: erase.erasure.hold_frozen's; the encoders' own entries are taken out of it (they
+        start from their original weights, in fp32, and are published as trained)."""
+        self.pipe = pipe
+        self.names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+        for name in self.names:
+            module = getattr(pipe, name)
+            module.load_state_dict(originals.pop(name), assign=True)
+            module.to(device, torch.float32).requires_grad_(True)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for name in self.names for p in getattr(self.pipe, name).parameters()]
+
+    def encode(self, prompts: Sequence[str], resolution: int | None = None) -> Conditioning:
+        """The prompts through the current encoder(s), with gradients."""
+        from erase.sd import text_conditioning
+
+        return text_conditioning(self.pipe, list(prompts), resolution=resolution).float()
+
+    def attach(self, optimizer: torch.optim.Optimizer | None, lr: float) -> torch.optim.Optimizer:
+        """Add the encoders to `optimizer` (a group of their own; None: a new Adam over them alone) and
+        average their gradients over the processes just before each step."""
+        if optimizer is None:
+            optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        else:
+            getattr(optimizer, "optimizer", optimizer).add_param_group({"params": self.parameters()})
+        getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(lambda *_: self._average_gradients())
+        return optimizer
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        for p in self.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)  # every process takes part in every all-reduce
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({f"{name}.{k}": v.detach().cpu().contiguous() for name in self.names
+                   for k, v in getattr(self.pipe, name).state_dict().items()}, str(Path(folder) / self._FILE))
+
+    @torch.no_grad()
+    def load(self, folder: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(folder) / self._FILE))
+        for name in self.names:
+            module = getattr(self.pipe, name)
+            for k, v in module.state_dict().items():
+                v.copy_(state[f"{name}.{k}"])
 
 
 def with_adversarial(forget: dict, adversarial: Conditioning | torch.Tensor) -> dict:

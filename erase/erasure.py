@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from erase.adversarial import AdversarialSettings, AdversarialTokens, with_adversarial
+from erase.adversarial import AdversarialSettings, AdversarialTokens, TrainedTextEncoders, with_adversarial
 from erase.command import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept, merge_concepts
 from erase.conditioning import Conditioning, cat
@@ -51,6 +51,9 @@ class TrainConfig:
     adversarial_steps: int = field(default=30, metadata={"help": "adversarial: inner Adam steps per round"})
     adversarial_every: int = field(default=10, metadata={"help": "adversarial: optimizer steps between rounds"})
     adversarial_lr: float = field(default=0.01, metadata={"help": "adversarial: inner Adam learning rate"})
+    adversarial_trains: str = field(default="unet", metadata={
+        "help": "adversarial salun or rl: what the outer step trains: the UNet under its mask (unet), the text encoder(s) "
+                "(text-encoder, AdvUnlearn's choice), or both", "choices": ("unet", "text-encoder", "both")})
     adversarial_mask: str = field(default="clean", metadata={
         "help": "adversarial salun: the mask's loss on the clean prompts (clean) or on clean + adversarial (both)",
         "choices": ("clean", "both")})
@@ -123,6 +126,13 @@ class TrainConfig:
             check_shardable(self)
         if self.optimizer_state not in ("dense", "masked"):
             raise ValueError(f"optimizer-state must be dense or masked, got {self.optimizer_state!r}")
+        if self.adversarial_trains not in ("unet", "text-encoder", "both"):
+            raise ValueError(f"adversarial-trains must be unet, text-encoder or both, got {self.adversarial_trains!r}")
+        if self.adversarial_trains != "unet" and not (self.adversarial and self.method in ("salun", "rl")):
+            raise ValueError("--adversarial-trains text-encoder|both applies to --adversarial salun and rl "
+                             "(ESD's teacher reads the original encoder's conditioning)")
+        if self.adversarial_trains != "unet" and self.optimizer_state == "masked":
+            raise ValueError("--optimizer-state masked keeps moments for the UNet's mask: it does not train text encoders")
         if self.adversarial_mask not in ("clean", "both"):
             raise ValueError(f"adversarial-mask must be clean or both, got {self.adversarial_mask!r}")
         check_prompts("forget_prompt", self.forget_prompt)
@@ -214,7 +224,7 @@ def batch_for(data: ErasureData, scheduler, cfg, g: torch.Generator) -> tuple[di
         uncond_hidden_states=data.prompt_embeds[:1].expand(len(fi), -1, -1),
     )
     retain = noised(scheduler, data.retain_latents[ri], g)
-    retain["encoder_hidden_states"] = data.embeds(data.retain_prompt[ri])
+    retain.update(prompt_rows=data.retain_prompt[ri], encoder_hidden_states=data.embeds(data.retain_prompt[ri]))
     return forget, retain
 
 
@@ -317,9 +327,18 @@ def attack_round(adversary: AdversarialTokens, data: ErasureData, scheduler, cfg
     return adversarial_rows(adversary, data, cfg)
 
 
+def encode_afresh(forget: dict, retain: dict, data: ErasureData, text_encoders: TrainedTextEncoders, adversary, cfg) -> dict:
+    """The batch's forget and retain prompts (and the forget prompts' adversarial captions) through
+    the trained text encoder(s), with gradients; the anchor keeps the original encoder's rows."""
+    texts = lambda rows: [data.texts[r] for r in rows.tolist()]  # noqa: E731
+    forget["encoder_hidden_states"] = text_encoders.encode(texts(forget["prompt_rows"]), cfg.resolution)
+    retain["encoder_hidden_states"] = text_encoders.encode(texts(retain["prompt_rows"]), cfg.resolution)
+    return with_adversarial(forget, adversary.conditioning(texts(forget["prompt_rows"]), cfg.resolution, grad=True).float())
+
+
 def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, scheduler, cfg, *,
                 frozen_unet=None, first_step: int = 0, after_step: Callable[[int, dict | None], None] | None = None,
-                adversary: AdversarialTokens | None = None) -> dict[str, float]:
+                adversary: AdversarialTokens | None = None, text_encoders: TrainedTextEncoders | None = None) -> dict[str, float]:
     """Optimizer steps first_step + 1 .. cfg.max_train_steps of SalUn (SalUn Eq. 9), or of ESD with a
     frozen teacher. The batches of a step depend only on (seed, step, micro-batch, process), so
     a resumed run replays them. With an `adversary`, every cfg.adversarial_every steps an inner
@@ -340,7 +359,9 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
             # draws with N times the accumulation, so their runs compare
             g = step_generator(cfg.seed, step, micro * accelerator.num_processes + accelerator.process_index, 0, device=device)
             forget, retain = batch_for(data, scheduler, cfg, g)
-            if adv_rows is not None:
+            if text_encoders is not None:
+                forget = encode_afresh(forget, retain, data, text_encoders, adversary, cfg)
+            elif adv_rows is not None:
                 forget = with_adversarial(forget, adv_rows[forget["prompt_rows"]])
             with accelerator.accumulate(unet), accelerator.autocast():
                 if frozen_unet is not None:

@@ -50,7 +50,7 @@ from erase.command import (  # noqa: E402
     versions,
 )
 from erase.concepts import load_concept, merge_concepts  # noqa: E402
-from erase.adversarial import AdversarialTokens  # noqa: E402
+from erase.adversarial import AdversarialTokens, TrainedTextEncoders  # noqa: E402
 from erase.erasure import (  # noqa: E402
     WEIGHT_DTYPES,
     TrainConfig,
@@ -105,6 +105,8 @@ def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging
         saved = sharding.shard_file(staging, "saliency_mask", accelerator.process_index, accelerator.num_processes)
     if resume and os.path.isfile(saved):  # the mask of the interrupted run
         return load_mask(saved, unet, shard=sharded)
+    if cfg.adversarial_trains == "text-encoder":  # the text encoder(s) alone move
+        return {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in unet.named_parameters()}
     if cfg.method == "salun":
         if given is not None:
             return sharding.local_mask(given, unet) if sharded else given
@@ -157,18 +159,19 @@ def latest_checkpoint(staging: str, which: str | None) -> str | None:
     return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None
 
 
-def save_checkpoint(accelerator: Accelerator, folder: str, adversary=None, sharded=None) -> None:
+def save_checkpoint(accelerator: Accelerator, folder: str, extra=(), sharded=None) -> None:
     """save_state into a temporary folder, then rename: a run killed mid-write leaves no
-    half checkpoint for `--resume-from-checkpoint latest` to pick up. An adversarial run also
-    saves the inner attack's vectors and moments (safetensors). `sharded`: (unet, optimizer),
-    each process writing its own shards (safetensors) instead."""
+    half checkpoint for `--resume-from-checkpoint latest` to pick up. `extra`: what else an
+    adversarial run saves (safetensors): the inner attack's vectors and moments, trained text
+    encoders. `sharded`: (unet, optimizer), each process writing its own shards instead."""
     with shared_output_dir(folder, accelerator) as tmp:
         if sharded:
             sharding.save_training_state(tmp, *sharded)
         else:
             accelerator.save_state(str(tmp))
-        if adversary is not None and accelerator.is_main_process:
-            adversary.save(tmp)
+        for state in extra:
+            if state is not None and accelerator.is_main_process:
+                state.save(tmp)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
@@ -222,9 +225,11 @@ def train(cfg: TrainConfig) -> str:
     start = time.perf_counter()
     originals = hold_frozen(pipe, device, weight_dtype)
     data = prepare_data(pipe, cfg, concepts, accelerator, autocast_dtype)
-    adversary = None
+    adversary = text_encoders = None
     if cfg.adversarial:  # the inner attack encodes its captions: the text encoders stay held until training ends
         adversary = AdversarialTokens(pipe, cfg.adversarial_settings(), concepts)
+        if cfg.adversarial_trains != "unet":
+            text_encoders = TrainedTextEncoders(pipe, device, originals)
     else:
         release_frozen(pipe, originals)
     seconds_data = time.perf_counter() - start
@@ -244,12 +249,20 @@ def train(cfg: TrainConfig) -> str:
     peaks["mask"] = peak_memory_gib(device)
     save_masks(mask, unet, staging, accelerator, sharded, metadata={"method": cfg.method, "concept": concept.name})
 
-    optimizer, update = masked_optimizer(unet, mask, cfg.learning_rate, cfg.optimizer_state, sharded=sharded)
+    optimizer = update = None
+    if cfg.adversarial_trains != "text-encoder":
+        optimizer, update = masked_optimizer(unet, mask, cfg.learning_rate, cfg.optimizer_state, sharded=sharded)
+    else:
+        unet.requires_grad_(False)
+    if text_encoders is not None:
+        optimizer = text_encoders.attach(optimizer, cfg.learning_rate)
     kept = mask_fraction(mask, sharded)
     del mask  # MaskedUpdate holds it bit-packed
     if sharded:  # FSDP2 is applied above; Accelerate wraps the optimizer only (gradient accumulation)
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
         sizes = sharding.ShardSizes(unet, optimizer)
+    elif cfg.adversarial_trains == "text-encoder":  # a UNet with nothing to train is not wrapped
+        optimizer = accelerator.prepare(optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
 
@@ -260,8 +273,9 @@ def train(cfg: TrainConfig) -> str:
         else:
             accelerator.load_state(checkpoint)
         first_step = int(checkpoint.rstrip("/").rsplit("-", 1)[1])
-        if adversary is not None:
-            adversary.load(checkpoint)
+        for state in (adversary, text_encoders):
+            if state is not None:
+                state.load(checkpoint)
         logger.info(f"resumed from {checkpoint}")
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers("erase", config={k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
@@ -274,12 +288,12 @@ def train(cfg: TrainConfig) -> str:
             progress.set_postfix(**{k: f"{v:.4f}" for k, v in logs.items()})
             accelerator.log(logs, step=done)
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-            save_checkpoint(accelerator, os.path.join(staging, "checkpoints", f"checkpoint-{done}"), adversary,
+            save_checkpoint(accelerator, os.path.join(staging, "checkpoints", f"checkpoint-{done}"), (adversary, text_encoders),
                             (unet, optimizer) if sharded else None)
 
     start = time.perf_counter()
     logs = train_steps(accelerator, unet, optimizer, data, scheduler, cfg, frozen_unet=frozen_unet, first_step=first_step,
-                       after_step=after_step, adversary=adversary)
+                       after_step=after_step, adversary=adversary, text_encoders=text_encoders)
     seconds_train = time.perf_counter() - start
     peaks["train"] = peak_memory_gib(device)
     progress.close()
@@ -305,7 +319,8 @@ def train(cfg: TrainConfig) -> str:
         if adversary is not None:
             record["adversarial"] = {"settings": dataclasses.asdict(adversary.settings), "tokens": adversary.tokens,
                                      "captions": adversary.captions, "last_attack_loss": adversary.last_loss,
-                                     "mask_loss": cfg.adversarial_mask if cfg.method == "salun" else None}
+                                     "mask_loss": cfg.adversarial_mask if cfg.method == "salun" else None,
+                                     "trains": cfg.adversarial_trains}
         publish(pipe, staging, cfg, record)
     accelerator.end_training()
     return cfg.output_dir

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import check_erasure, run_train, small_run
+from test_train import check_erasure, run_train, small_run, weights
 
 from erase.adversarial import AdversarialSettings, AdversarialTokens, adversarial_captions, with_adversarial
 from erase.concepts import load_concept
 from erase.conditioning import Conditioning
+from erase.saliency import load_mask
 
 
 def test_captions_put_the_tokens_where_each_concepts_name_was() -> None:
@@ -87,6 +88,23 @@ def test_an_adversarial_run_keeps_masked_out_and_frozen_weights_and_records_its_
     from diffusers import StableDiffusionPipeline
 
     assert len(StableDiffusionPipeline.from_pretrained(out).tokenizer) == len(StableDiffusionPipeline.from_pretrained(tiny_sd_path).tokenizer)
+
+
+def test_adversarial_training_of_the_text_encoder_alone_leaves_the_unet(tiny_sd_path: Path, tmp_path: Path) -> None:
+    """`--adversarial-trains text-encoder` (AdvUnlearn's choice): the UNet bit-identical, the text encoder
+    trained and published in fp32, no UNet weight in the mask, the choice recorded."""
+    out = tmp_path / "out"
+    proc = run_train(["--concept", "nudity", "--adversarial", "--adversarial-every", "2", "--adversarial-steps", "2",
+                      "--adversarial-trains", "text-encoder", *small_run(tiny_sd_path, out, tmp_path / "cache")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = weights(tiny_sd_path, "unet"), weights(out, "unet")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    te_before, te_after = weights(tiny_sd_path, "text_encoder"), weights(out, "text_encoder")
+    assert any(not torch.equal(te_before[k], te_after[k]) for k in te_before)
+    assert all(v.dtype == te_before[k].dtype for k, v in te_after.items())
+    assert not any(bool(m.any()) for m in load_mask(out / "saliency_mask.safetensors").values())
+    record = json.loads((out / "erase_config.json").read_text())
+    assert record["adversarial"]["trains"] == "text-encoder" and record["mask"]["trainable_fraction"] == 0
 
 
 @pytest.mark.slow

@@ -174,7 +174,8 @@ def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_p
     model = request.getfixturevalue("tiny_sd_path") if family.startswith("sd1") else request.getfixturevalue("tiny_family_paths")["sdxl"]
     common = ["--concept", "nudity", "--checkpointing-steps", "2"]
     if family == "sd1-adversarial":
-        common += ["--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", "--adversarial-vectors", "2"]
+        common += ["--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", "--adversarial-vectors", "2",
+                   "--adversarial-trains", "both"]  # the text encoder's weights and moments come back too
     args = lambda out: common + small_run(model, out, tmp_path / "cache") + ["--max-train-steps", "8"]  # noqa: E731
     full = run_train(args(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
@@ -193,26 +194,32 @@ def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_p
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((killed_out / "erase_config.json").read_text())
     assert record["resumed_from"] and "checkpoint-" in record["resumed_from"]
-    a, b = weights(tmp_path / "full", "unet"), weights(killed_out, "unet")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for component in ("unet", "text_encoder"):
+        a, b = weights(tmp_path / "full", component), weights(killed_out, component)
+        assert all(torch.equal(a[k], b[k]) for k in a), component
 
 
 @pytest.mark.parametrize("variant", [pytest.param([], marks=pytest.mark.slow),
-                                     ["--adversarial", "--adversarial-mask", "both", "--adversarial-steps", "3"]],
+                                     ["--adversarial", "--adversarial-mask", "both", "--adversarial-steps", "3", "--adversarial-trains", "both"]],
                          ids=["plain", "adversarial"])
-def test_two_processes_run_and_give_the_one_process_mask(variant: list[str], tiny_sd_path: Path, tmp_path: Path) -> None:
-    """Adversarial with the mask on clean + adversarial prompts: every process runs the same inner
-    attack before the mask, so the mask is still the one process's. (The plain run takes the same
-    mask and loop code without the adversarial term: slow, to keep the default suite short.)"""
+def test_two_processes_equal_one_with_two_micro_batches(variant: list[str], tiny_sd_path: Path, tmp_path: Path) -> None:
+    """2 processes against 1 process with 2 micro-batches: the same batches (one random stream per
+    micro-batch of all processes), the same mask, the same weights. Adversarial, with the mask on
+    clean + adversarial prompts and the text encoder trained too: every process runs the same inner
+    attack, and the encoder's gradients are averaged as DDP averages the UNet's. (The plain run takes
+    the same mask and loop code without the adversarial term: slow, to keep the default suite short.)"""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    masks = {}
     for n, extra in [(1, ["--num_processes", "1"]), (2, ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29531"])]:
         out = tmp_path / f"out{n}"
-        proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"), *variant], launcher=launch + extra)
+        micro = ["--gradient-accumulation-steps", "2"] if n == 1 else []
+        proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"), *variant, *micro], launcher=launch + extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads((out / "erase_config.json").read_text())["num_processes"] == n
-        masks[n] = load_mask(out / "saliency_mask.safetensors")
-    assert all(torch.equal(masks[1][k], masks[2][k]) for k in masks[1])
+    masks = [load_mask(tmp_path / f"out{n}" / "saliency_mask.safetensors") for n in (1, 2)]
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    for component in ("unet", "text_encoder"):
+        a, b = weights(tmp_path / "out1", component), weights(tmp_path / "out2", component)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, component
 
 
 def test_custom_concept_from_flags(tiny_sd_path: Path, tmp_path: Path) -> None:
