@@ -83,6 +83,10 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
     original, mask = weights(tiny_sd_path, "unet"), load_mask(tmp_path / "full" / "saliency_mask.safetensors")
     after = weights(tmp_path / "full", "unet")
     assert all(torch.equal(after[k][~mask[k]], original[k][~mask[k]]) for k in mask)  # masked-out weights untouched
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "full").unet.state_dict()  # a plain diffusers folder
+    assert all(torch.equal(loaded[k], after[k]) for k in after)
 
     killed = tmp_path / "killed"
     checkpoint = tmp_path / ".killed.partial" / "checkpoints" / "checkpoint-4"
