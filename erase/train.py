@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
-from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from erase.atomic import replace_dir, shared_output_dir, write_json  # noqa: E402
@@ -190,6 +190,9 @@ def train(cfg: TrainConfig) -> str:
     staging = staging_dir(cfg.output_dir)
     report_to = cfg.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else None)
     accelerator = Accelerator(
+        # Why no cache: under FSDP2 a cast cached in the anchor's no-grad forward is reused by the
+        # trained forward, and the sharded units get no gradient. A cast gives the same values either way.
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=report_to,
