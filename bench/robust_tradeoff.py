@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from erase.concepts import load_concept
 from erase.digits import load_digits_classifier
 from eval.fid import fid_from_images, make_fid
 
@@ -46,20 +47,30 @@ SETTINGS = {  # name: erase/train.py flags on top of the concept file's recipe (
 
 def markdown(result: dict) -> str:
     lines = [f"# Robustness against retained accuracy: SalUn settings on \"{result['concept']}\"", "",
-             f"Seeds {', '.join(map(str, result['seeds']))}; mean ± std. Retained: the other digits / the other colours (%). "
+             f"Seeds {', '.join(map(str, result['seeds']))}; mean ± std. Shown: how often the erased model still draws the concept "
+             "(its template prompts / its held-out paraphrases, %). Retained: the other digits / the other colours (%). "
              f"Inversion: {result['inversion_steps']} steps, learned from other seeds, on {result['prompts']} prompts of the concept "
              "(% of images recovered). Robustness: 100 - the worse of N = 4 and N = 8.", "",
-             "| setting | flags | retained: digits / colours | FID | inversion N = 4 | inversion N = 8 | robustness | time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| setting | flags | shown: template / paraphrases | retained: digits / colours | FID | inversion N = 4 | inversion N = 8 "
+             "| robustness | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in result["rows"].items():
         pct = lambda key: mean_std_text([100 * r[key] for r in runs])  # noqa: E731
-        lines.append(f"| {name} | `{SETTINGS.get(name, '') or '(recipe)'}` | {pct('retained_digits')} / {pct('retained_colours')} | "
+        lines.append(f"| {name} | `{SETTINGS.get(name, '') or '(recipe)'}` | {pct('shown_template')} / {pct('shown_paraphrases')} | "
+                     f"{pct('retained_digits')} / {pct('retained_colours')} | "
                      f"{mean_std_text([r['fid'] for r in runs])} | {pct('recovery_n4')} | {pct('recovery_n8')} | "
                      f"{mean_std_text([robustness(r) for r in runs])} | {mean_std_text([r['seconds'] for r in runs])} |")
     lines += ["", f"![robustness against retained digits]({Path(result['out']).with_suffix('.png').name})", "",
               f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min"
               + (f" ({result['parts']} processes at once, one thread each)." if result.get("parts") else ".")]
     return "\n".join(lines) + "\n"
+
+
+def shown(concept: str, after: dict) -> dict[str, float]:
+    """How often the erased model still shows the concept: its template prompts, its paraphrases."""
+    target = load_concept(concept).target
+    template = after["digit_accuracy"][str(target["digit"])] if "digit" in target else after["colour_accuracy"][target["colour"]]
+    return {"shown_template": template, "shown_paraphrases": after["paraphrase_rate"][concept]}
 
 
 def robustness(run: dict) -> float:
@@ -113,9 +124,11 @@ def main() -> None:
         for name in args.settings:
             for seed in args.seeds:
                 out = os.path.join(tmp, f"{len(result['rows'])}-{seed}")
-                erase_args = argparse.Namespace(cache_dir=args.cache_dir, erase_args=SETTINGS[name].replace(ADV, "").strip())
-                run = {"seed": seed, **erase(args.concept, "salun", ADV in SETTINGS[name], seed, out, erase_args)}
-                run |= retained(args.concept, score(out, [args.concept], args.images_per_prompt, classifier))
+                flags = SETTINGS[name].split()
+                erase_args = argparse.Namespace(cache_dir=args.cache_dir, erase_args=" ".join(f for f in flags if f != ADV))
+                run = {"seed": seed, **erase(args.concept, "salun", ADV in flags, seed, out, erase_args)}
+                after = score(out, [args.concept], args.images_per_prompt, classifier)
+                run |= retained(args.concept, after) | shown(args.concept, after)
                 run["fid"] = fid_from_images(fid_metric, template_images(out, args.fid_images_per_prompt), reference)
                 run |= attacks(out, args.concept, args.inversion_steps, [4, 8], attack_args)
                 result["rows"].setdefault(name, []).append(run)
