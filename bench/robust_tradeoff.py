@@ -51,12 +51,12 @@ def markdown(result: dict) -> str:
              "(its template prompts / its held-out paraphrases, %). Retained: the other digits / the other colours (%). "
              f"Inversion: {result['inversion_steps']} steps, learned from other seeds, on {result['prompts']} prompts of the concept "
              "(% of images recovered). Robustness: 100 - the worse of N = 4 and N = 8.", "",
-             "| setting | flags | shown: template / paraphrases | retained: digits / colours | FID | inversion N = 4 | inversion N = 8 "
-             "| robustness | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | flags | seeds | shown: template / paraphrases | retained: digits / colours | FID | inversion N = 4 "
+             "| inversion N = 8 | robustness | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in result["rows"].items():
         pct = lambda key: mean_std_text([100 * r[key] for r in runs])  # noqa: E731
-        lines.append(f"| {name} | `{SETTINGS.get(name, '') or '(recipe)'}` | {pct('shown_template')} / {pct('shown_paraphrases')} | "
+        lines.append(f"| {name} | `{SETTINGS.get(name, '') or '(recipe)'}` | {len(runs)} | {pct('shown_template')} / {pct('shown_paraphrases')} | "
                      f"{pct('retained_digits')} / {pct('retained_colours')} | "
                      f"{mean_std_text([r['fid'] for r in runs])} | {pct('recovery_n4')} | {pct('recovery_n8')} | "
                      f"{mean_std_text([robustness(r) for r in runs])} | {mean_std_text([r['seconds'] for r in runs])} |")
