@@ -84,10 +84,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = one_line_errors(argparse.ArgumentParser(prog="erase/train.py", description=__doc__.split("\n\n")[0]))
     add_dataclass_arguments(parser, TrainConfig, aliases={"pretrained_model_name_or_path": ["--model"]}, suppress=True)
     given = vars(parser.parse_args(argv))
-    # a concept file's `train:` recipe sits between the paper defaults and the flags
+    # a concept file's `train:` recipe sits between the paper defaults and the flags; its
+    # `adversarial:` part overrides the rest under --adversarial
     recipe = {}
     if given.get("concept"):
-        recipe = merge_concepts([load_concept(name) for name in given["concept"]]).train
+        recipe = dict(merge_concepts([load_concept(name) for name in given["concept"]]).train)
+        adversarial = recipe.pop("adversarial", None) or {}
+        if given.get("adversarial"):
+            recipe.update(adversarial)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{**{k: v for k, v in recipe.items() if k in known}, **given})
 

@@ -90,6 +90,16 @@ def test_an_adversarial_run_keeps_masked_out_and_frozen_weights_and_records_its_
     assert len(StableDiffusionPipeline.from_pretrained(out).tokenizer) == len(StableDiffusionPipeline.from_pretrained(tiny_sd_path).tokenizer)
 
 
+def test_the_concept_files_adversarial_recipe_applies_under_adversarial_only(tmp_path: Path) -> None:
+    """prompts/digits.yaml: beta 0.5, and 4 under --adversarial (the trade-off bench); a flag beats both."""
+    from erase.train import parse_args
+
+    common = ["--model", "digits", "--concept", "three", "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    assert parse_args(common).beta == 0.5 and not parse_args(common).adversarial
+    assert parse_args(common + ["--adversarial"]).beta == 4.0
+    assert parse_args(common + ["--adversarial", "--beta", "1"]).beta == 1.0
+
+
 def test_adversarial_training_of_the_text_encoder_alone_leaves_the_unet(tiny_sd_path: Path, tmp_path: Path) -> None:
     """`--adversarial-trains text-encoder` (AdvUnlearn's choice): the UNet bit-identical, the text encoder
     trained and published in fp32, no UNet weight in the mask, the choice recorded."""
