@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--vectors", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--headline", type=int, default=1000, help="inversion steps of the headline rerun (0: none)")
     parser.add_argument("--attack-seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", default=["plain", "adversarial"], choices=["plain", "adversarial"])
     parser.add_argument("--erase-args", default="", help="extra erase/train.py flags for every erasure (a quick check)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
     parser.add_argument("--out", default="bench/results/robust_digits.json")
@@ -206,7 +207,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for concept in args.concepts:
             for method in args.methods:
-                for adversarial in (False, True) if method != "uce" else (False,):  # uce has no loop to attack
+                for adversarial in [v == "adversarial" for v in args.variants if method != "uce" or v == "plain"]:  # uce: no loop
                     row = {"concept": concept, "method": method + (" + adversarial" if adversarial else ""), "runs": []}
                     rows.append(row)
                     for seed in range(seeds[method]):
