@@ -39,7 +39,8 @@ from erase.inversion import denoising_loss, inversion_captions, inversion_tokens
 from erase.objectives import step_generator
 from erase.tokens import PlaceholderTokens
 
-__all__ = ["AdversarialSettings", "AdversarialTokens", "TrainedTextEncoders", "adversarial_captions", "with_adversarial"]
+__all__ = ["AdversarialSettings", "AdversarialTokens", "TrainedTextEncoders", "adversarial_captions", "adversarial_rows",
+           "attack_round", "encode_afresh", "with_adversarial"]
 
 _STATE_FILE = "adversarial.safetensors"
 _ADV_STREAM = 7_777  # the inner attack's generator stream (apart from the batches' and the mask's)
@@ -205,6 +206,32 @@ class TrainedTextEncoders:
             module = getattr(self.pipe, name)
             for k, v in module.state_dict().items():
                 v.copy_(state[f"{name}.{k}"])
+
+
+def adversarial_rows(adversary: AdversarialTokens, data, cfg) -> Conditioning:
+    """The adversarial conditioning of every prompt row (the forget prompts' captions under the
+    current vectors; other rows are never drawn as forget rows and stay as they are)."""
+    forget_rows = sorted(set(data.forget_prompt.tolist()))
+    adv = adversary.conditioning([data.texts[r] for r in forget_rows], resolution=cfg.resolution).float()
+    index = torch.arange(len(data.texts))
+    index[forget_rows] = torch.arange(len(forget_rows)) + len(data.texts)
+    return cat([data.prompt_embeds, adv.to(data.prompt_embeds.device)])[index.to(data.prompt_embeds.device)]
+
+
+def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator, step: int) -> Conditioning:
+    """One inner round against the current UNet; returns the new adversarial rows."""
+    prompts = [data.texts[r] for r in data.forget_prompt.tolist()]
+    adversary.attack(data.forget_latents, prompts, scheduler, cfg.seed, step, accelerator.autocast)
+    return adversarial_rows(adversary, data, cfg)
+
+
+def encode_afresh(forget: dict, retain: dict, data, text_encoders: TrainedTextEncoders, adversary, cfg) -> dict:
+    """The batch's forget and retain prompts (and the forget prompts' adversarial captions) through
+    the trained text encoder(s), with gradients; the anchor keeps the original encoder's rows."""
+    texts = lambda rows: [data.texts[r] for r in rows.tolist()]  # noqa: E731
+    forget["encoder_hidden_states"] = text_encoders.encode(texts(forget["prompt_rows"]), cfg.resolution)
+    retain["encoder_hidden_states"] = text_encoders.encode(texts(retain["prompt_rows"]), cfg.resolution)
+    return with_adversarial(forget, adversary.conditioning(texts(forget["prompt_rows"]), cfg.resolution, grad=True).float())
 
 
 def with_adversarial(forget: dict, adversarial: Conditioning | torch.Tensor) -> dict:

@@ -12,17 +12,25 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from erase.adversarial import AdversarialSettings, AdversarialTokens, TrainedTextEncoders, with_adversarial
+from erase.adversarial import (
+    AdversarialSettings,
+    AdversarialTokens,
+    TrainedTextEncoders,
+    adversarial_rows,
+    attack_round,
+    encode_afresh,
+    with_adversarial,
+)
 from erase.command import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept, merge_concepts
-from erase.conditioning import Conditioning, cat
-from erase.objectives import esd_loss, noised, saliency_loss, salun_loss, step_generator
-from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, read_mask_shapes
-from erase.sharding import check_shardable, local, moving_tensors
+from erase.conditioning import Conditioning
+from erase.objectives import ESD_TARGETS, esd_loss, noised, saliency_loss, salun_loss, step_generator
+from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, read_mask_shapes, select_parameters
+from erase.sharding import check_shardable, local, local_mask, moving_tensors, shard_file
 from erase.sd import encode_images, encode_prompts, frozen_parts, image_set
 
 __all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "frozen_copy", "hold_frozen", "masked_optimizer",
-           "prepare_data", "release_frozen", "saliency_mask", "train_steps"]
+           "prepare_data", "release_frozen", "saliency_mask", "train_steps", "trainable_mask"]
 
 
 METHODS = ("salun", "rl", "esd-x", "esd-u", "uce")
@@ -261,6 +269,30 @@ def saliency_mask(unet, scheduler, data: ErasureData, cfg, accelerator: Accelera
                                  loss_scale=loss_scale)
 
 
+def trainable_mask(unet, cfg, scheduler, data, accelerator, staging: str, given=None, resume: bool = False,
+                   adversary=None, sharded: bool = False) -> dict[str, torch.Tensor]:
+    """The weights this run may change: the saliency mask (salun), all (rl), or ESD's subset. An
+    adversarial salun run with --adversarial-mask both first attacks the original UNet and adds the
+    loss on the adversarial prompts to the mask's. `sharded`: this process's rows of it."""
+    saved = os.path.join(staging, "saliency_mask.safetensors")
+    if sharded:
+        saved = shard_file(staging, "saliency_mask", accelerator.process_index, accelerator.num_processes)
+    if resume and os.path.isfile(saved):  # the mask of the interrupted run
+        return load_mask(saved, unet, shard=sharded)
+    if cfg.adversarial_trains == "text-encoder":  # the text encoder(s) alone move
+        return {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in unet.named_parameters()}
+    if cfg.method == "salun":
+        if given is not None:
+            return local_mask(given, unet) if sharded else given
+        adversarial = None
+        if adversary is not None and cfg.adversarial_mask == "both":
+            adversarial = attack_round(adversary, data, scheduler, cfg, accelerator, step=-1)[data.forget_prompt]
+        mask = saliency_mask(unet, scheduler, data, cfg, accelerator, adversarial=adversarial)
+        return {n: m.cpu() for n, m in mask.items()}  # 1 byte a weight: off the GPU
+    chosen = {n for n, _ in select_parameters(unet, ESD_TARGETS.get(cfg.method, ".*"))}
+    return {n: torch.full(local(p).shape, n in chosen, dtype=torch.bool) for n, p in unet.named_parameters()}
+
+
 def hold_frozen(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
     """Put the frozen VAE and text encoder(s) on `device` in `dtype` for generation and encoding
     (a VAE whose config asks to be upcast, as SDXL's does, stays fp32 under fp16); return their
@@ -308,32 +340,6 @@ def masked_optimizer(unet: torch.nn.Module, mask: dict[str, torch.Tensor], learn
     optimizer = torch.optim.Adam(params, lr=learning_rate, fused=device.type == "cuda")
     update = MaskedUpdate(unet, {n: m for n, m in mask.items() if n in trainable}).attach(optimizer)
     return optimizer, update
-
-
-def adversarial_rows(adversary: AdversarialTokens, data: ErasureData, cfg) -> Conditioning:
-    """The adversarial conditioning of every prompt row (the forget prompts' captions under the
-    current vectors; other rows are never drawn as forget rows and stay as they are)."""
-    forget_rows = sorted(set(data.forget_prompt.tolist()))
-    adv = adversary.conditioning([data.texts[r] for r in forget_rows], resolution=cfg.resolution).float()
-    index = torch.arange(len(data.texts))
-    index[forget_rows] = torch.arange(len(forget_rows)) + len(data.texts)
-    return cat([data.prompt_embeds, adv.to(data.prompt_embeds.device)])[index.to(data.prompt_embeds.device)]
-
-
-def attack_round(adversary: AdversarialTokens, data: ErasureData, scheduler, cfg, accelerator: Accelerator, step: int) -> Conditioning:
-    """One inner round against the current UNet; returns the new adversarial rows."""
-    prompts = [data.texts[r] for r in data.forget_prompt.tolist()]
-    adversary.attack(data.forget_latents, prompts, scheduler, cfg.seed, step, accelerator.autocast)
-    return adversarial_rows(adversary, data, cfg)
-
-
-def encode_afresh(forget: dict, retain: dict, data: ErasureData, text_encoders: TrainedTextEncoders, adversary, cfg) -> dict:
-    """The batch's forget and retain prompts (and the forget prompts' adversarial captions) through
-    the trained text encoder(s), with gradients; the anchor keeps the original encoder's rows."""
-    texts = lambda rows: [data.texts[r] for r in rows.tolist()]  # noqa: E731
-    forget["encoder_hidden_states"] = text_encoders.encode(texts(forget["prompt_rows"]), cfg.resolution)
-    retain["encoder_hidden_states"] = text_encoders.encode(texts(retain["prompt_rows"]), cfg.resolution)
-    return with_adversarial(forget, adversary.conditioning(texts(forget["prompt_rows"]), cfg.resolution, grad=True).float())
 
 
 def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, scheduler, cfg, *,

@@ -54,22 +54,20 @@ from erase.adversarial import AdversarialTokens, TrainedTextEncoders  # noqa: E4
 from erase.erasure import (  # noqa: E402
     WEIGHT_DTYPES,
     TrainConfig,
-    attack_round,
     frozen_copy,
     hold_frozen,
     masked_optimizer,
     prepare_data,
     release_frozen,
-    saliency_mask,
     train_steps,
+    trainable_mask,
 )
 from erase.masked_adam import optimizer_state_bytes  # noqa: E402
-from erase.objectives import ESD_TARGETS, training_scheduler  # noqa: E402
+from erase.objectives import training_scheduler  # noqa: E402
 from erase.saliency import (  # noqa: E402
     load_mask,
     mask_fraction,
     save_mask,
-    select_parameters,
 )
 from erase import sharding  # noqa: E402
 from erase.sd import load_pipeline, pipeline_class  # noqa: E402
@@ -97,30 +95,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------- mask
-
-
-def trainable_mask(unet, cfg: TrainConfig, scheduler, data, accelerator, staging: str, given=None, resume: bool = False,
-                   adversary=None, sharded: bool = False) -> dict[str, torch.Tensor]:
-    """The weights this run may change: the saliency mask (salun), all (rl), or ESD's subset. An
-    adversarial salun run with --adversarial-mask both first attacks the original UNet and adds the
-    loss on the adversarial prompts to the mask's. `sharded`: this process's rows of it."""
-    saved = os.path.join(staging, "saliency_mask.safetensors")
-    if sharded:
-        saved = sharding.shard_file(staging, "saliency_mask", accelerator.process_index, accelerator.num_processes)
-    if resume and os.path.isfile(saved):  # the mask of the interrupted run
-        return load_mask(saved, unet, shard=sharded)
-    if cfg.adversarial_trains == "text-encoder":  # the text encoder(s) alone move
-        return {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in unet.named_parameters()}
-    if cfg.method == "salun":
-        if given is not None:
-            return sharding.local_mask(given, unet) if sharded else given
-        adversarial = None
-        if adversary is not None and cfg.adversarial_mask == "both":
-            adversarial = attack_round(adversary, data, scheduler, cfg, accelerator, step=-1)[data.forget_prompt]
-        mask = saliency_mask(unet, scheduler, data, cfg, accelerator, adversarial=adversarial)
-        return {n: m.cpu() for n, m in mask.items()}  # 1 byte a weight: off the GPU
-    chosen = {n for n, _ in select_parameters(unet, ESD_TARGETS.get(cfg.method, ".*"))}
-    return {n: torch.full(sharding.local(p).shape, n in chosen, dtype=torch.bool) for n, p in unet.named_parameters()}
 
 
 def save_masks(mask, unet, staging: str, accelerator: Accelerator, sharded: bool, metadata: dict) -> None:
