@@ -31,17 +31,21 @@ from erase_digits import score
 from robust_digits import attacks, erase, retained, template_images
 
 ADV = "--adversarial"
-SETTINGS = {  # name: erase/train.py flags on top of the concept file's recipe (beta 0.5)
+SETTINGS = {  # name: erase/train.py flags on top of the concept file's recipe (beta 0.5; 4 under --adversarial)
     "plain": "",
-    "adversarial": ADV,
+    "adversarial": f"{ADV} --beta 0.5",  # the grid's setting, before the recipe's adversarial beta
     "adversarial, beta 1": f"{ADV} --beta 1",
     "adversarial, beta 2": f"{ADV} --beta 2",
     "adversarial, beta 4": f"{ADV} --beta 4",
-    "adversarial, every 20": f"{ADV} --adversarial-every 20",
-    "adversarial, 2 vectors": f"{ADV} --adversarial-vectors 2",
-    "adversarial, mask both": f"{ADV} --adversarial-mask both",
-    "adversarial, text encoder": f"{ADV} --adversarial-trains text-encoder",
-    "adversarial, UNet + text encoder": f"{ADV} --adversarial-trains both",
+    "adversarial, beta 3": f"{ADV} --beta 3",
+    "adversarial, beta 4, 8 vectors": f"{ADV} --beta 4 --adversarial-vectors 8",
+    "adversarial, beta 4, 60 inner steps": f"{ADV} --beta 4 --adversarial-steps 60",
+    "adversarial, beta 4, every 5": f"{ADV} --beta 4 --adversarial-every 5",
+    "adversarial, every 20": f"{ADV} --beta 0.5 --adversarial-every 20",
+    "adversarial, 2 vectors": f"{ADV} --beta 0.5 --adversarial-vectors 2",
+    "adversarial, mask both": f"{ADV} --beta 0.5 --adversarial-mask both",
+    "adversarial, text encoder": f"{ADV} --beta 0.5 --adversarial-trains text-encoder",
+    "adversarial, UNet + text encoder": f"{ADV} --beta 0.5 --adversarial-trains both",
 }
 
 

@@ -16,7 +16,8 @@ with the attack this toolkit finds strongest: concept inversion with N token vec
 
 Every random draw depends on (seed, step), and the vectors with their Adam moments are saved in
 each checkpoint (safetensors), so a resumed run replays the uninterrupted one. Every process runs
-the same inner attack on the same data and arrives at the same vectors.
+the same inner attack on the same data and arrives at the same vectors; under --fsdp the attack's
+forward and backward pass through the sharded UNet on every process alike (its collectives match).
 
 What the outer step trains (`--adversarial-trains`): the UNet under its mask (default), the text
 encoder(s) instead (AdvUnlearn's choice: the forget, adversarial and retain prompts are encoded

@@ -123,8 +123,8 @@ def check_shardable(cfg) -> None:
     """What --fsdp (or Accelerate's FSDP plugin) cannot shard, refused before any model loads."""
     if cfg.method == "uce":
         raise ValueError("--fsdp shards training: uce has no training loop (it edits in seconds on one process)")
-    if cfg.adversarial:
-        raise ValueError("--fsdp does not shard --adversarial training yet (its inner attack runs on one process's UNet)")
+    if cfg.adversarial and cfg.adversarial_trains != "unet":
+        raise ValueError("--fsdp shards the UNet: --adversarial-trains text-encoder or both is not sharded (use --adversarial-trains unet)")
     if cfg.mixed_precision == "fp16":
         raise ValueError("--fsdp trains in fp32 or bf16: fp16's gradient scaler does not take sharded gradients (use bf16)")
 

@@ -69,16 +69,20 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
-    """2 FSDP processes against 1 process with 2 micro-batches (the same batches): the same mask, the
+    """2 FSDP processes against 1 process with 2 micro-batches (the same batches), adversarial (every
+    process runs the inner attack through the sharded UNet): the same mask, the same vectors, the
     weights within float reduction order; killed after a checkpoint and resumed: the same weights as
     the uninterrupted sharded run, to the bit. A sharded checkpoint or mask is refused elsewhere."""
     args = lambda out, *extra: ["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"),  # noqa: E731
-                                "--max-train-steps", "12", "--checkpointing-steps", "4", *extra]
+                                "--max-train-steps", "12", "--checkpointing-steps", "4",
+                                "--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", *extra]
     one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
     assert one.returncode == 0, one.stderr[-3000:]
     full = run_train(args(tmp_path / "full", "--fsdp"), launcher=launch(2, 29542))
     assert full.returncode == 0, full.stderr[-3000:]
     assert compare(tmp_path / "one", tmp_path / "full") < 1e-4
+    attacked = [json.loads((tmp_path / run / "erase_config.json").read_text())["adversarial"]["last_attack_loss"] for run in ("one", "full")]
+    assert attacked[0] == pytest.approx(attacked[1], rel=1e-4)
     check_sharding_record(tmp_path / "full", tmp_path / "one")
     original, mask = weights(tiny_sd_path, "unet"), load_mask(tmp_path / "full" / "saliency_mask.safetensors")
     after = weights(tmp_path / "full", "unet")
@@ -96,7 +100,8 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
         time.sleep(0.02)
     kill_tree(proc)
     assert not killed.exists(), "the run finished before it could be killed"
-    assert sorted(p.name for p in checkpoint.iterdir()) == [f"{w}.rank{r}-of-2.safetensors" for w in ("optimizer", "unet") for r in (0, 1)]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["adversarial.safetensors", *(f"{w}.rank{r}-of-2.safetensors" for w in ("optimizer", "unet")
+                                                                                        for r in (0, 1))]
 
     unsharded = run_train(args(killed, "--resume-from-checkpoint", str(checkpoint)))
     assert unsharded.returncode != 0 and "written by a sharded run" in unsharded.stderr
@@ -134,7 +139,7 @@ def test_sharded_families_match_one_process(family: str, extra: list[str], tiny_
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "uce"], "uce has no training loop"),
-    (["--adversarial"], "does not shard --adversarial"),
+    (["--adversarial", "--adversarial-trains", "both"], "is not sharded (use --adversarial-trains unet)"),
     (["--mixed-precision", "fp16"], "use bf16"),
     ([], "launch 2 or more"),
 ])
