@@ -219,11 +219,12 @@ def adversarial_rows(adversary: AdversarialTokens, data, cfg) -> Conditioning:
     return cat([data.prompt_embeds, adv.to(data.prompt_embeds.device)])[index.to(data.prompt_embeds.device)]
 
 
-def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator, step: int) -> Conditioning:
-    """One inner round against the current UNet; returns the new adversarial rows."""
+def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator, step: int, rows: bool = True) -> Conditioning | None:
+    """One inner round against the current UNet; returns the new adversarial rows (`rows`; trained
+    text encoders encode the adversarial captions themselves at every step, and need none)."""
     prompts = [data.texts[r] for r in data.forget_prompt.tolist()]
     adversary.attack(data.forget_latents, prompts, scheduler, cfg.seed, step, accelerator.autocast)
-    return adversarial_rows(adversary, data, cfg)
+    return adversarial_rows(adversary, data, cfg) if rows else None
 
 
 def encode_afresh(forget: dict, retain: dict, data, text_encoders: TrainedTextEncoders, adversary, cfg) -> dict:

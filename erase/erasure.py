@@ -355,11 +355,12 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
     device = accelerator.device
     logs: dict[str, float] = {}
     running: dict[str, torch.Tensor] = {}  # loss sums on the device since the last log
-    adv_rows = adversarial_rows(adversary, data, cfg) if adversary is not None else None  # a resumed run's vectors
+    fixed_rows = adversary is not None and text_encoders is None  # encoded once per round, not afresh each step
+    adv_rows = adversarial_rows(adversary, data, cfg) if fixed_rows else None  # a resumed run's vectors
     unet.train()
     for step in range(first_step, cfg.max_train_steps):
         if adversary is not None and step % cfg.adversarial_every == 0:
-            adv_rows = attack_round(adversary, data, scheduler, cfg, accelerator, step)
+            adv_rows = attack_round(adversary, data, scheduler, cfg, accelerator, step, rows=fixed_rows)
         for micro in range(cfg.gradient_accumulation_steps):
             # one stream per (step, micro-batch of all processes): N processes draw what one process
             # draws with N times the accumulation, so their runs compare
