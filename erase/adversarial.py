@@ -54,9 +54,10 @@ class AdversarialSettings:
     every: int = 10  # optimizer steps between rounds
     lr: float = 0.01  # inner Adam learning rate
     batch_size: int = 4  # forget images per inner step
+    pool: int = 1  # the last rounds' vectors the outer step draws from (1: the current round's only)
 
     def check(self) -> None:
-        for name in ("vectors", "steps", "every", "batch_size"):
+        for name in ("vectors", "steps", "every", "batch_size", "pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"adversarial-{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -85,6 +86,7 @@ class AdversarialTokens:
             self.vectors = [v.requires_grad_(True) for v in starting_vectors(place, settings.vectors)]
         self.optimizer = torch.optim.Adam(self.vectors, lr=settings.lr)
         self.last_loss: float | None = None
+        self.pool: list[list[torch.Tensor]] = []  # the vectors after each of the last `settings.pool` rounds, oldest first
 
     def attack(self, latents: torch.Tensor, prompts: Sequence[str], scheduler, seed: int, step: int, autocast) -> list[float]:
         """`settings.steps` Adam steps on the vectors against the pipeline's CURRENT UNet, on `latents`
@@ -107,15 +109,22 @@ class AdversarialTokens:
                 self.optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
         self.last_loss = losses[-1]
+        self.pool = (self.pool + [[v.detach().clone() for v in self.vectors]])[-self.settings.pool:]
         return losses
 
-    def conditioning(self, prompts: Sequence[str], resolution: int | None = None, grad: bool = False) -> Conditioning:
-        """The adversarial caption of each prompt, encoded with the current vectors (fixed); `grad`:
-        with gradients for the text encoder(s) when they are trained."""
+    def snapshots(self) -> list[list[torch.Tensor]]:
+        """The pooled rounds' vectors (the current ones before any round)."""
+        return self.pool or [[v.detach() for v in self.vectors]]
+
+    def conditioning(self, prompts: Sequence[str], resolution: int | None = None, grad: bool = False,
+                     vectors: Sequence[torch.Tensor] | None = None) -> Conditioning:
+        """The adversarial caption of each prompt, encoded with the current vectors (or `vectors`),
+        fixed; `grad`: with gradients for the text encoder(s) when they are trained."""
         from erase.sd import text_conditioning
 
+        vectors = self.vectors if vectors is None else vectors
         with torch.set_grad_enabled(grad), PlaceholderTokens(self.pipe, self.tokens) as place:
-            place.set([v.detach().to(m.dtype) for v, m in zip(self.vectors, place.embedding_matrices(), strict=True)])
+            place.set([v.detach().to(m.dtype) for v, m in zip(vectors, place.embedding_matrices(), strict=True)])
             return text_conditioning(self.pipe, [self.captions[p] for p in prompts], resolution=resolution)
 
     # ------------------------------------------------------------------------- checkpoints (safetensors)
@@ -130,6 +139,9 @@ class AdversarialTokens:
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 if key in moments:
                     state[f"{key}.{i}"] = moments[key].detach().cpu().contiguous()
+        for j, snapshot in enumerate(self.pool):
+            for i, v in enumerate(snapshot):
+                state[f"pool.{j}.{i}"] = v.cpu().contiguous()
         save_file(state, str(Path(folder) / _STATE_FILE))
 
     def load(self, folder: str | Path) -> None:
@@ -142,6 +154,8 @@ class AdversarialTokens:
                 if f"step.{i}" in state:
                     self.optimizer.state[v] = {key: state[f"{key}.{i}"].to(v.device if key != "step" else "cpu")
                                                for key in ("step", "exp_avg", "exp_avg_sq")}
+        rounds = sorted({int(k.split(".")[1]) for k in state if k.startswith("pool.")})
+        self.pool = [[state[f"pool.{j}.{i}"].to(v.device) for i, v in enumerate(self.vectors)] for j in rounds]
 
 
 class TrainedTextEncoders:
@@ -210,13 +224,18 @@ class TrainedTextEncoders:
 
 
 def adversarial_rows(adversary: AdversarialTokens, data, cfg) -> Conditioning:
-    """The adversarial conditioning of every prompt row (the forget prompts' captions under the
-    current vectors; other rows are never drawn as forget rows and stay as they are)."""
+    """The adversarial conditioning of every prompt row under each pooled round's vectors: row
+    k * len(data.texts) + r is prompt row r under the k-th snapshot (the forget prompts' captions;
+    other rows are never drawn as forget rows and stay as they are)."""
     forget_rows = sorted(set(data.forget_prompt.tolist()))
-    adv = adversary.conditioning([data.texts[r] for r in forget_rows], resolution=cfg.resolution).float()
     index = torch.arange(len(data.texts))
     index[forget_rows] = torch.arange(len(forget_rows)) + len(data.texts)
-    return cat([data.prompt_embeds, adv.to(data.prompt_embeds.device)])[index.to(data.prompt_embeds.device)]
+    index = index.to(data.prompt_embeds.device)
+    tables = []
+    for vectors in adversary.snapshots():
+        adv = adversary.conditioning([data.texts[r] for r in forget_rows], resolution=cfg.resolution, vectors=vectors).float()
+        tables.append(cat([data.prompt_embeds, adv.to(data.prompt_embeds.device)])[index])
+    return cat(tables)
 
 
 def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator, step: int, rows: bool = True) -> Conditioning | None:

@@ -59,6 +59,8 @@ class TrainConfig:
     adversarial_steps: int = field(default=30, metadata={"help": "adversarial: inner Adam steps per round"})
     adversarial_every: int = field(default=10, metadata={"help": "adversarial: optimizer steps between rounds"})
     adversarial_lr: float = field(default=0.01, metadata={"help": "adversarial: inner Adam learning rate"})
+    adversarial_pool: int = field(default=1, metadata={
+        "help": "adversarial: the outer step trains against the vectors of the last N rounds, one drawn per forget row (1: the last round's)"})
     adversarial_trains: str = field(default="unet", metadata={
         "help": "adversarial salun or rl: what the outer step trains: the UNet under its mask (unet), the text encoder(s) "
                 "(text-encoder, AdvUnlearn's choice), or both", "choices": ("unet", "text-encoder", "both")})
@@ -139,6 +141,8 @@ class TrainConfig:
         if self.adversarial_trains != "unet" and not (self.adversarial and self.method in ("salun", "rl")):
             raise ValueError("--adversarial-trains text-encoder|both applies to --adversarial salun and rl "
                              "(ESD's teacher reads the original encoder's conditioning)")
+        if self.adversarial_trains != "unet" and self.adversarial_pool > 1:
+            raise ValueError("--adversarial-pool draws from fixed rounds' rows: trained text encoders encode the last round's afresh (use 1)")
         if self.adversarial_trains != "unet" and self.optimizer_state == "masked":
             raise ValueError("--optimizer-state masked keeps moments for the UNet's mask: it does not train text encoders")
         if self.adversarial_mask not in ("clean", "both"):
@@ -155,7 +159,7 @@ class TrainConfig:
 
     def adversarial_settings(self) -> AdversarialSettings:
         return AdversarialSettings(vectors=self.adversarial_vectors, steps=self.adversarial_steps, every=self.adversarial_every,
-                                   lr=self.adversarial_lr, batch_size=min(self.train_batch_size, 4))
+                                   lr=self.adversarial_lr, batch_size=min(self.train_batch_size, 4), pool=self.adversarial_pool)
 
     def resolve_concepts(self) -> list[Concept]:
         """Each concept erased in this run (one, unless --concept is repeated)."""
@@ -369,7 +373,11 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
             if text_encoders is not None:
                 forget = encode_afresh(forget, retain, data, text_encoders, adversary, cfg)
             elif adv_rows is not None:
-                forget = with_adversarial(forget, adv_rows[forget["prompt_rows"]])
+                rows = forget["prompt_rows"]
+                if adversary.settings.pool > 1:  # each row under one of the pooled rounds' vectors
+                    rows = rows + len(data.texts) * torch.randint(0, len(adv_rows) // len(data.texts), rows.shape, generator=g,
+                                                                  device=g.device).to(rows.device)
+                forget = with_adversarial(forget, adv_rows[rows])
             with accelerator.accumulate(unet), accelerator.autocast():
                 if frozen_unet is not None:
                     loss, terms = esd_loss(unet, frozen_unet, forget, cfg.eta)

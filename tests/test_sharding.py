@@ -75,7 +75,7 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
     the uninterrupted sharded run, to the bit. A sharded checkpoint or mask is refused elsewhere."""
     args = lambda out, *extra: ["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"),  # noqa: E731
                                 "--max-train-steps", "12", "--checkpointing-steps", "4",
-                                "--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", *extra]
+                                "--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", "--adversarial-pool", "2", *extra]
     one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
     assert one.returncode == 0, one.stderr[-3000:]
     full = run_train(args(tmp_path / "full", "--fsdp"), launcher=launch(2, 29542))
