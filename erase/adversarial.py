@@ -40,7 +40,7 @@ from erase.inversion import denoising_loss, inversion_captions, inversion_tokens
 from erase.objectives import step_generator
 from erase.tokens import PlaceholderTokens
 
-__all__ = ["AdversarialSettings", "AdversarialTokens", "TrainedTextEncoders", "adversarial_captions", "adversarial_rows",
+__all__ = ["AdversarialRows", "AdversarialSettings", "AdversarialTokens", "TrainedTextEncoders", "adversarial_captions", "adversarial_rows",
            "attack_round", "encode_afresh", "with_adversarial"]
 
 _STATE_FILE = "adversarial.safetensors"
@@ -223,22 +223,37 @@ class TrainedTextEncoders:
                 v.copy_(state[f"{name}.{k}"])
 
 
-def adversarial_rows(adversary: AdversarialTokens, data, cfg) -> Conditioning:
-    """The adversarial conditioning of every prompt row under each pooled round's vectors: row
-    k * len(data.texts) + r is prompt row r under the k-th snapshot (the forget prompts' captions;
-    other rows are never drawn as forget rows and stay as they are)."""
+@dataclass(frozen=True)
+class AdversarialRows:
+    """The adversarial conditioning of the prompt rows under each pooled round's vectors: `table`
+    holds the prompt rows once and the forget prompts' adversarial captions once per snapshot;
+    `where[k, r]` is the table row of prompt row r under snapshot k (rows that are never drawn as
+    forget rows point at themselves)."""
+
+    table: Conditioning
+    where: torch.Tensor  # (snapshots, prompt rows)
+
+    def __call__(self, rows: torch.Tensor, g: torch.Generator | None = None) -> Conditioning:
+        """The rows under the last snapshot, or (`g`, a pool of several) each under one drawn from `g`."""
+        k = torch.full_like(rows, len(self.where) - 1)
+        if g is not None and len(self.where) > 1:
+            k = torch.randint(0, len(self.where), rows.shape, generator=g, device=g.device).to(rows.device)
+        return self.table[self.where[k, rows]]
+
+
+def adversarial_rows(adversary: AdversarialTokens, data, cfg) -> AdversarialRows:
+    """The forget prompts' captions under every pooled round's vectors, beside the prompt rows."""
     forget_rows = sorted(set(data.forget_prompt.tolist()))
-    index = torch.arange(len(data.texts))
-    index[forget_rows] = torch.arange(len(forget_rows)) + len(data.texts)
-    index = index.to(data.prompt_embeds.device)
-    tables = []
-    for vectors in adversary.snapshots():
-        adv = adversary.conditioning([data.texts[r] for r in forget_rows], resolution=cfg.resolution, vectors=vectors).float()
-        tables.append(cat([data.prompt_embeds, adv.to(data.prompt_embeds.device)])[index])
-    return cat(tables)
+    texts, device = [data.texts[r] for r in forget_rows], data.prompt_embeds.device
+    snapshots = adversary.snapshots()
+    adv = [adversary.conditioning(texts, resolution=cfg.resolution, vectors=v).float().to(device) for v in snapshots]
+    where = torch.arange(len(data.texts)).repeat(len(snapshots), 1)
+    for k in range(len(snapshots)):
+        where[k, forget_rows] = len(data.texts) + k * len(forget_rows) + torch.arange(len(forget_rows))
+    return AdversarialRows(cat([data.prompt_embeds, *adv]), where.to(device))
 
 
-def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator, step: int, rows: bool = True) -> Conditioning | None:
+def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator, step: int, rows: bool = True) -> AdversarialRows | None:
     """One inner round against the current UNet; returns the new adversarial rows (`rows`; trained
     text encoders encode the adversarial captions themselves at every step, and need none)."""
     prompts = [data.texts[r] for r in data.forget_prompt.tolist()]

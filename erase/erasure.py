@@ -290,7 +290,7 @@ def trainable_mask(unet, cfg, scheduler, data, accelerator, staging: str, given=
             return local_mask(given, unet) if sharded else given
         adversarial = None
         if adversary is not None and cfg.adversarial_mask == "both":
-            adversarial = attack_round(adversary, data, scheduler, cfg, accelerator, step=-1)[data.forget_prompt]
+            adversarial = attack_round(adversary, data, scheduler, cfg, accelerator, step=-1)(data.forget_prompt)
         mask = saliency_mask(unet, scheduler, data, cfg, accelerator, adversarial=adversarial)
         return {n: m.cpu() for n, m in mask.items()}  # 1 byte a weight: off the GPU
     chosen = {n for n, _ in select_parameters(unet, ESD_TARGETS.get(cfg.method, ".*"))}
@@ -372,12 +372,8 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
             forget, retain = batch_for(data, scheduler, cfg, g)
             if text_encoders is not None:
                 forget = encode_afresh(forget, retain, data, text_encoders, adversary, cfg)
-            elif adv_rows is not None:
-                rows = forget["prompt_rows"]
-                if adversary.settings.pool > 1:  # each row under one of the pooled rounds' vectors
-                    rows = rows + len(data.texts) * torch.randint(0, len(adv_rows) // len(data.texts), rows.shape, generator=g,
-                                                                  device=g.device).to(rows.device)
-                forget = with_adversarial(forget, adv_rows[rows])
+            elif adv_rows is not None:  # each forget row under one of the pooled rounds' vectors
+                forget = with_adversarial(forget, adv_rows(forget["prompt_rows"], g))
             with accelerator.accumulate(unet), accelerator.autocast():
                 if frozen_unet is not None:
                     loss, terms = esd_loss(unet, frozen_unet, forget, cfg.eta)
