@@ -54,12 +54,14 @@ class AdversarialSettings:
     every: int = 10  # optimizer steps between rounds
     lr: float = 0.01  # inner Adam learning rate
     batch_size: int = 4  # forget images per inner step
-    pool: int = 1  # the last rounds' vectors the outer step draws from (1: the current round's only)
+    pool: int = 0  # the last rounds whose vectors the outer step draws from (0: every round so far; 1: the last only)
 
     def check(self) -> None:
-        for name in ("vectors", "steps", "every", "batch_size", "pool"):
+        for name in ("vectors", "steps", "every", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"adversarial-{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.pool < 0:
+            raise ValueError(f"adversarial-pool must be >= 0 (0: every round), got {self.pool}")
         if not self.lr > 0:
             raise ValueError(f"adversarial-lr must be positive, got {self.lr}")
 
@@ -86,7 +88,7 @@ class AdversarialTokens:
             self.vectors = [v.requires_grad_(True) for v in starting_vectors(place, settings.vectors)]
         self.optimizer = torch.optim.Adam(self.vectors, lr=settings.lr)
         self.last_loss: float | None = None
-        self.pool: list[list[torch.Tensor]] = []  # the vectors after each of the last `settings.pool` rounds, oldest first
+        self.pool: list[list[torch.Tensor]] = []  # the vectors after each pooled round, oldest first
 
     def attack(self, latents: torch.Tensor, prompts: Sequence[str], scheduler, seed: int, step: int, autocast) -> list[float]:
         """`settings.steps` Adam steps on the vectors against the pipeline's CURRENT UNet, on `latents`
@@ -109,7 +111,9 @@ class AdversarialTokens:
                 self.optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
         self.last_loss = losses[-1]
-        self.pool = (self.pool + [[v.detach().clone() for v in self.vectors]])[-self.settings.pool:]
+        self.pool.append([v.detach().clone() for v in self.vectors])
+        if self.settings.pool:
+            self.pool = self.pool[-self.settings.pool:]
         return losses
 
     def snapshots(self) -> list[list[torch.Tensor]]:

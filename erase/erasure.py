@@ -59,8 +59,10 @@ class TrainConfig:
     adversarial_steps: int = field(default=30, metadata={"help": "adversarial: inner Adam steps per round"})
     adversarial_every: int = field(default=10, metadata={"help": "adversarial: optimizer steps between rounds"})
     adversarial_lr: float = field(default=0.01, metadata={"help": "adversarial: inner Adam learning rate"})
-    adversarial_pool: int = field(default=1, metadata={
-        "help": "adversarial: the outer step trains against the vectors of the last N rounds, one drawn per forget row (1: the last round's)"})
+    adversarial_pool: int | None = field(default=None, metadata={
+        "help": "adversarial: the outer step trains against the vectors of the last N inner rounds, one drawn per forget row "
+                "(0: every round so far, the default when the UNet alone trains; 1: the last round's, the only choice with trained "
+                "text encoders)"})
     adversarial_trains: str = field(default="unet", metadata={
         "help": "adversarial salun or rl: what the outer step trains: the UNet under its mask (unet), the text encoder(s) "
                 "(text-encoder, AdvUnlearn's choice), or both", "choices": ("unet", "text-encoder", "both")})
@@ -141,8 +143,9 @@ class TrainConfig:
         if self.adversarial_trains != "unet" and not (self.adversarial and self.method in ("salun", "rl")):
             raise ValueError("--adversarial-trains text-encoder|both applies to --adversarial salun and rl "
                              "(ESD's teacher reads the original encoder's conditioning)")
-        if self.adversarial_trains != "unet" and self.adversarial_pool > 1:
-            raise ValueError("--adversarial-pool draws from fixed rounds' rows: trained text encoders encode the last round's afresh (use 1)")
+        if self.adversarial_trains != "unet" and self.adversarial_pool not in (None, 1):
+            raise ValueError("--adversarial-trains text-encoder|both encodes the last round's captions afresh each step: "
+                             "it takes --adversarial-pool 1")
         if self.adversarial_trains != "unet" and self.optimizer_state == "masked":
             raise ValueError("--optimizer-state masked keeps moments for the UNet's mask: it does not train text encoders")
         if self.adversarial_mask not in ("clean", "both"):
@@ -158,8 +161,9 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 
     def adversarial_settings(self) -> AdversarialSettings:
+        pool = self.adversarial_pool if self.adversarial_pool is not None else 0 if self.adversarial_trains == "unet" else 1
         return AdversarialSettings(vectors=self.adversarial_vectors, steps=self.adversarial_steps, every=self.adversarial_every,
-                                   lr=self.adversarial_lr, batch_size=min(self.train_batch_size, 4), pool=self.adversarial_pool)
+                                   lr=self.adversarial_lr, batch_size=min(self.train_batch_size, 4), pool=pool)
 
     def resolve_concepts(self) -> list[Concept]:
         """Each concept erased in this run (one, unless --concept is repeated)."""

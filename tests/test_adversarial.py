@@ -91,12 +91,12 @@ def test_an_adversarial_run_keeps_masked_out_and_frozen_weights_and_records_its_
 
 
 def test_the_concept_files_adversarial_recipe_applies_under_adversarial_only(tmp_path: Path) -> None:
-    """prompts/digits.yaml: beta 0.5, and 4 under --adversarial (the trade-off bench); a flag beats both."""
+    """prompts/digits.yaml: beta 0.5, and 3 under --adversarial (the trade-off bench); a flag beats both."""
     from erase.train import parse_args
 
     common = ["--model", "digits", "--concept", "three", "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
     assert parse_args(common).beta == 0.5 and not parse_args(common).adversarial
-    assert parse_args(common + ["--adversarial"]).beta == 4.0
+    assert parse_args(common + ["--adversarial"]).beta == 3.0
     assert parse_args(common + ["--adversarial", "--beta", "1"]).beta == 1.0
 
 
