@@ -72,7 +72,7 @@ def markdown(result: dict) -> str:
                      f"{mean_std_text([robustness(r) for r in runs])} | {mean_std_text([r['seconds'] for r in runs])} |")
     lines += ["", f"![robustness against retained digits]({Path(result['out']).with_suffix('.png').name})", "",
               f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min"
-              + (f" ({result['parts']} processes at once, one thread each)." if result.get("parts") else ".")]
+              + (f" (the longest of {result['parts']} parts, one thread each, two at a time on the 2 cores)." if result.get("parts") else ".")]
     return "\n".join(lines) + "\n"
 
 

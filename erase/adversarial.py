@@ -13,6 +13,9 @@ with the attack this toolkit finds strongest: concept inversion with N token vec
   (the forget batch is doubled: same x_t, t and anchor, once under each prompt's adversarial
   caption), masked by saliency as before, with the retain term as before. For ESD the frozen
   teacher's target comes from the clean prompt (AdvUnlearn's ESD loss on the adversarial prompt).
+  Each forget row takes the vectors of one round drawn from the pool (every round so far by
+  default, as STEREO erases against all its inverted tokens): trained against the last round's
+  only, the model forgot what earlier rounds had found (bench/results/robust_saturated_seven.md).
 
 Every random draw depends on (seed, step), and the vectors with their Adam moments are saved in
 each checkpoint (safetensors), so a resumed run replays the uninterrupted one. Every process runs

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_train import check_erasure, run_train, small_run, weights
 
-from erase.adversarial import AdversarialSettings, AdversarialTokens, adversarial_captions, with_adversarial
+from erase.adversarial import AdversarialSettings, AdversarialTokens, adversarial_captions, adversarial_rows, with_adversarial
 from erase.concepts import load_concept
 from erase.conditioning import Conditioning
 from erase.saliency import load_mask
@@ -34,6 +34,26 @@ def test_the_forget_batch_is_doubled_with_the_clean_prompt_kept_for_the_teacher(
     assert doubled["encoder_hidden_states"].hidden_states[:, 0, 0].tolist() == [1, 1, 2, 2]
     assert doubled["teacher_hidden_states"].hidden_states[:, 0, 0].tolist() == [1, 1, 1, 1]
     assert doubled["anchor_hidden_states"].hidden_states[:, 0, 0].tolist() == [3, 3, 3, 3]
+
+
+def test_each_forget_row_is_trained_under_one_pooled_rounds_vectors() -> None:
+    """Prompt rows 0-2, row 1 the only forget prompt; two pooled rounds. Without a generator the last
+    round's caption; with one, each row under a drawn round (both occur); other rows stay themselves."""
+    class Pool:  # the adversary's two rounds: the caption's encoding is the round's vector
+        def snapshots(self):
+            return [[torch.tensor([10.0])], [torch.tensor([20.0])]]
+
+        def conditioning(self, texts, resolution=None, vectors=None):
+            return Conditioning(vectors[0].expand(len(texts), 77, 4).clone())
+
+    data = type("Data", (), {"forget_prompt": torch.tensor([1, 1]), "texts": ["a", "b", "c"],
+                             "prompt_embeds": Conditioning(torch.arange(3.0)[:, None, None].expand(3, 77, 4).clone())})
+    rows = adversarial_rows(Pool(), data, type("Cfg", (), {"resolution": None}))
+    value = lambda cond: cond.hidden_states[:, 0, 0].tolist()  # noqa: E731
+    assert value(rows(torch.tensor([0, 1, 2]))) == [0, 20, 2]
+    drawn = value(rows(torch.ones(64, dtype=torch.long), torch.Generator().manual_seed(0)))
+    assert set(drawn) == {10, 20}
+    assert value(rows(torch.tensor([0, 2]), torch.Generator().manual_seed(0))) == [0, 2]
 
 
 def test_the_inner_attack_lowers_its_loss_on_the_current_weights(digits_pipe) -> None:
@@ -67,6 +87,8 @@ def test_the_inner_attack_lowers_its_loss_on_the_current_weights(digits_pipe) ->
     after = fixed_loss()
     assert after < middle < before, (before, middle, after)
     assert all(p.grad is None for p in digits_pipe.unet.parameters())
+    assert len(adversary.pool) == 2 and not torch.equal(adversary.pool[0][0], adversary.pool[1][0])  # every round pooled
+    assert torch.equal(adversary.pool[1][0], adversary.vectors[0].detach())
     rows = adversary.conditioning(prompts[:1])
     assert rows.hidden_states.shape == (1, 77, digits_pipe.text_encoder.config.hidden_size)
 
