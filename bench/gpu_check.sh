@@ -4,7 +4,8 @@
 #   TINY=1 bash bench/gpu_check.sh /tmp/gpu-dry     # the same path on the CPU, tiny configs (a dry run)
 # 1. every method in bf16 and fp16 end to end on a tiny pipeline (tests marked cuda);
 # 2. bench/sd_gpu.py on the SD v1.4 architecture, bf16, with and without gradient checkpointing,
-#    scaled to NUM_IMAGES images per set (the full recipe's time is projected from the measured rates);
+#    scaled to NUM_IMAGES images per set (the full recipe's time is projected from the measured rates),
+#    then once with --adversarial;
 # 3. bench/attack_sd.py: attack time per prompt (UnlearnDiffAtk, concept inversion) on that architecture;
 # 4. bench/memory.py: the computed per-process memory table, step 2's measured peaks beside its SD 1.x rows.
 set -euo pipefail
@@ -20,6 +21,10 @@ for ckpt in --gradient-checkpointing ""; do
     name=sd_gpu_bf16${ckpt:+_checkpointing}
     "$py" bench/sd_gpu.py "${size[@]}" --mixed-precision bf16 --num-images "$n" $ckpt --out "$out/$name.json"
 done
+# 2b. adversarial SalUn (the recipe's inner attack inside training), bf16 with checkpointing; its own name
+#     keeps it out of step 4's glob
+"$py" bench/sd_gpu.py "${size[@]}" --mixed-precision bf16 --num-images "$n" --gradient-checkpointing --adversarial \
+    --out "$out/sd_gpu_adversarial_bf16.json"
 "$py" bench/attack_sd.py ${TINY:+--tiny} --out "$out/attack_sd.json"
 # 4. the computed per-process memory table, with the measured peaks of step 2 beside its SD 1.x rows
 "$py" bench/memory.py --batch "$batch" --measured "$out"/sd_gpu_bf16*.json --out "$out/memory.json"

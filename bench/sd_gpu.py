@@ -135,7 +135,8 @@ def run(args) -> dict:
         "--generation-batch-size", str(args.generation_batch_size), "--mixed-precision", args.mixed_precision,
         "--checkpointing-steps", "0", "--output-dir", str(erased), "--cache-dir", str(cache), "--overwrite",
     ] + (["--resolution", str(args.resolution)] if args.resolution else []) \
-      + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+      + (["--gradient-checkpointing"] if args.gradient_checkpointing else []) \
+      + (["--adversarial"] if args.adversarial else [])
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", args.mixed_precision, "--dynamo_backend", "no"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -174,7 +175,7 @@ def run(args) -> dict:
         "device": device_name,
         "settings": {k: getattr(args, k) for k in ("method", "mixed_precision", "num_images", "generation_steps",
                                                    "max_train_steps", "train_batch_size", "generation_batch_size",
-                                                   "gradient_checkpointing")} | {"resolution": resolution},
+                                                   "gradient_checkpointing", "adversarial")} | {"resolution": resolution},
         "paper_recipe": all(getattr(args, k) == v for k, v in PAPER.items()) and resolution == 512,
         "seconds": {"build_pipeline": seconds_build, **seconds, "train_py_wall": seconds_wall},
         "peak_memory_gib": record["peak_memory_gib"],
@@ -200,7 +201,8 @@ def markdown(r: dict) -> str:
         "",
         f"{r['device']}, {st['mixed_precision']}, {st['resolution']} px, {st['num_images']}+{st['num_images']} images at "
         f"{st['generation_steps']} steps, {st['max_train_steps']} steps of {st['train_batch_size']}+{st['train_batch_size']}, "
-        f"gradient checkpointing {st['gradient_checkpointing']}, method {st['method']}.",
+        f"gradient checkpointing {st['gradient_checkpointing']}, method {st['method']}"
+        + (" with --adversarial (the inner attack's rounds inside training)." if st.get("adversarial") else "."),
         "",
         "| phase | seconds | peak allocated (GiB) |",
         "|---|---|---|",
@@ -236,6 +238,7 @@ def main() -> None:
     parser.add_argument("--generation-batch-size", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's (512; 16 with --tiny)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--adversarial", action="store_true", help="train against concept inversion (erase/train.py --adversarial)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not in the table")
     parser.add_argument("--workdir", default=None, help="keep the pipelines here (default: a temporary folder)")
     parser.add_argument("--out", default="bench/results/sd_gpu.json")

@@ -366,11 +366,11 @@ def test_fp16_without_a_gpu_is_one_clear_error(tiny_sd_path: Path, tmp_path: Pat
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("method", ["salun", "rl", "esd-x", "esd-u"])
+@pytest.mark.parametrize("method", ["salun", "rl", "esd-x", "esd-u", "salun --adversarial"])
 def test_each_method_on_cuda_in_mixed_precision(method: str, precision: str, tiny_sd_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
-    cmd = [sys.executable, TRAIN, "--concept", "nudity", "--method", method, "--mixed-precision", precision,
+    cmd = [sys.executable, TRAIN, "--concept", "nudity", "--method", *method.split(), "--mixed-precision", precision,
            *small_run(tiny_sd_path, out, tmp_path / "cache")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
