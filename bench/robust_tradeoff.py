@@ -22,16 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from erase.concepts import load_concept
 from erase.digits import load_digits_classifier
 from eval.fid import fid_from_images, make_fid
 
 from common import line_plot, machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
-from erase_digits import score
+from erase_digits import erasure_metrics, score
 from robust_digits import attacks, erase, retained, template_images
 
 ADV = "--adversarial"
-SETTINGS = {  # name: erase/train.py flags on top of the concept file's recipe (beta 0.5; 4 under --adversarial)
+SETTINGS = {  # name: erase/train.py flags on top of the concept file's recipe (beta 0.5; 3 under --adversarial)
     "plain": "",
     "adversarial": f"{ADV} --beta 0.5",  # the grid's setting, before the recipe's adversarial beta
     "adversarial, beta 1": f"{ADV} --beta 1",
@@ -79,9 +78,8 @@ def markdown(result: dict) -> str:
 
 def shown(concept: str, after: dict) -> dict[str, float]:
     """How often the erased model still shows the concept: its template prompts, its paraphrases."""
-    target = load_concept(concept).target
-    template = after["digit_accuracy"][str(target["digit"])] if "digit" in target else after["colour_accuracy"][target["colour"]]
-    return {"shown_template": template, "shown_paraphrases": after["paraphrase_rate"][concept]}
+    rates = erasure_metrics(concept, after, after)  # only its `_after` rates are read
+    return {"shown_template": rates["template_rate_after"], "shown_paraphrases": rates["paraphrase_rate_after"]}
 
 
 def robustness(run: dict) -> float:

@@ -239,6 +239,7 @@ class AdversarialRows:
 
     table: Conditioning
     where: torch.Tensor  # (snapshots, prompt rows)
+    encoded: tuple = ()  # (snapshot, its captions' encoding) per pooled round: what the next round reuses
 
     def __call__(self, rows: torch.Tensor, g: torch.Generator | None = None) -> Conditioning:
         """The rows under the last snapshot, or (`g`, a pool of several) each under one drawn from `g`."""
@@ -248,24 +249,33 @@ class AdversarialRows:
         return self.table[self.where[k, rows]]
 
 
-def adversarial_rows(adversary: AdversarialTokens, data, cfg) -> AdversarialRows:
-    """The forget prompts' captions under every pooled round's vectors, beside the prompt rows."""
+def adversarial_rows(adversary: AdversarialTokens, data, cfg, previous: AdversarialRows | None = None) -> AdversarialRows:
+    """The forget prompts' captions under every pooled round's vectors, beside the prompt rows. Each
+    round's captions are encoded once: the rounds `previous` holds are reused (the text encoders do
+    not move while rows are fixed), so a round encodes only its own vectors."""
     forget_rows = sorted(set(data.forget_prompt.tolist()))
     texts, device = [data.texts[r] for r in forget_rows], data.prompt_embeds.device
-    snapshots = adversary.snapshots()
-    adv = [adversary.conditioning(texts, resolution=cfg.resolution, vectors=v).float().to(device) for v in snapshots]
-    where = torch.arange(len(data.texts)).repeat(len(snapshots), 1)
-    for k in range(len(snapshots)):
+    known = {id(v): adv for v, adv in previous.encoded} if previous is not None else {}  # `previous` keeps them alive
+    encoded = []
+    for vectors in adversary.snapshots():
+        adv = known.get(id(vectors))
+        if adv is None:
+            adv = adversary.conditioning(texts, resolution=cfg.resolution, vectors=vectors).float().to(device)
+        encoded.append((vectors, adv))
+    where = torch.arange(len(data.texts)).repeat(len(encoded), 1)
+    for k in range(len(encoded)):
         where[k, forget_rows] = len(data.texts) + k * len(forget_rows) + torch.arange(len(forget_rows))
-    return AdversarialRows(cat([data.prompt_embeds, *adv]), where.to(device))
+    return AdversarialRows(cat([data.prompt_embeds, *(adv for _, adv in encoded)]), where.to(device), tuple(encoded))
 
 
-def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator, step: int, rows: bool = True) -> AdversarialRows | None:
+def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator, step: int, rows: bool = True,
+                 previous: AdversarialRows | None = None) -> AdversarialRows | None:
     """One inner round against the current UNet; returns the new adversarial rows (`rows`; trained
-    text encoders encode the adversarial captions themselves at every step, and need none)."""
+    text encoders encode the adversarial captions themselves at every step, and need none), reusing
+    the pooled rounds' encodings that `previous` holds."""
     prompts = [data.texts[r] for r in data.forget_prompt.tolist()]
     adversary.attack(data.forget_latents, prompts, scheduler, cfg.seed, step, accelerator.autocast)
-    return adversarial_rows(adversary, data, cfg) if rows else None
+    return adversarial_rows(adversary, data, cfg, previous) if rows else None
 
 
 def encode_afresh(forget: dict, retain: dict, data, text_encoders: TrainedTextEncoders, adversary, cfg) -> dict:

@@ -368,7 +368,7 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
     unet.train()
     for step in range(first_step, cfg.max_train_steps):
         if adversary is not None and step % cfg.adversarial_every == 0:
-            adv_rows = attack_round(adversary, data, scheduler, cfg, accelerator, step, rows=fixed_rows)
+            adv_rows = attack_round(adversary, data, scheduler, cfg, accelerator, step, rows=fixed_rows, previous=adv_rows)
         for micro in range(cfg.gradient_accumulation_steps):
             # one stream per (step, micro-batch of all processes): N processes draw what one process
             # draws with N times the accumulation, so their runs compare
