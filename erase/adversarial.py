@@ -40,7 +40,7 @@ import torch
 from erase.concepts import Concept
 from erase.conditioning import Conditioning, cat
 from erase.inversion import denoising_loss, inversion_captions, inversion_tokens, starting_vectors
-from erase.objectives import step_generator
+from erase.objectives import draw_timesteps, step_generator
 from erase.tokens import PlaceholderTokens
 
 __all__ = ["AdversarialRows", "AdversarialSettings", "AdversarialTokens", "TrainedTextEncoders", "adversarial_captions", "adversarial_rows",
@@ -97,13 +97,12 @@ class AdversarialTokens:
         """`settings.steps` Adam steps on the vectors against the pipeline's CURRENT UNet, on `latents`
         (N, 4, h, w) with their forget `prompts`; returns the loss of each step."""
         g = step_generator(seed, _ADV_STREAM, step, device=latents.device)
-        num_t = scheduler.config.num_train_timesteps
         losses = []
         with PlaceholderTokens(self.pipe, self.tokens) as place:
             matrices = place.embedding_matrices()
             for _ in range(self.settings.steps):
                 pick = torch.randint(0, len(latents), (self.settings.batch_size,), generator=g, device=g.device).tolist()
-                t = torch.randint(0, num_t, (len(pick),), generator=g, device=g.device).to(latents.device)
+                t = draw_timesteps(scheduler, len(pick), g, latents.shape).to(latents.device)
                 place.set([v.to(m.dtype) for v, m in zip(self.vectors, matrices, strict=True)])
                 with autocast():
                     loss = denoising_loss(self.pipe, scheduler, latents[pick], t, [self.captions[prompts[i]] for i in pick], g)

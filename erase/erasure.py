@@ -24,6 +24,7 @@ from erase.adversarial import (
 from erase.command import check_positive, check_prompts, check_writable
 from erase.concepts import Concept, custom_concept, load_concept, merge_concepts
 from erase.conditioning import Conditioning
+from erase.families import denoiser
 from erase.objectives import ESD_TARGETS, esd_loss, noised, saliency_loss, salun_loss, step_generator
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, read_mask_shapes, select_parameters
 from erase.sharding import check_shardable, local, local_mask, moving_tensors, shard_file
@@ -214,7 +215,7 @@ def prepare_data(pipe, cfg, concepts: Sequence[Concept], accelerator: Accelerato
         retain_images, retain_prompts = image_set(pipe, merge_concepts(list(concepts)).retain, cfg.num_images, 10**6, **gen)
     distinct = list(dict.fromkeys(["", *forget_prompts, *anchor_prompts, *retain_prompts]))
     row = {p: i for i, p in enumerate(distinct)}
-    device = pipe.unet.device
+    device = denoiser(pipe).device
     rows = lambda prompts: torch.tensor([row[p] for p in prompts], device=device)  # noqa: E731
     return ErasureData(
         forget_latents=encode_images(pipe, forget_images).float(),

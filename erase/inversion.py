@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from erase.conditioning import unet_kwargs
-from erase.objectives import mse_per_sample, noisy_latents_and_target, step_generator, training_scheduler
+from erase.families import denoiser, predict
+from erase.objectives import draw_timesteps, mse_per_sample, noisy_latents_and_target, step_generator, training_scheduler
 from erase.tokens import PlaceholderTokens, allowed_token_ids
 
 __all__ = ["INVERSION_TOKEN", "InversionSettings", "denoising_loss", "inversion_captions", "inversion_tokens", "starting_vectors",
@@ -63,7 +63,8 @@ def denoising_loss(pipe, scheduler, latents: torch.Tensor, timesteps: torch.Tens
     noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents.device, latents.dtype)
     x_t, target = noisy_latents_and_target(scheduler, latents, noise, timesteps)
     cond = text_conditioning(pipe, prompts, resolution=latents.shape[-1] * pipe.vae_scale_factor)
-    pred = pipe.unet(x_t.to(pipe.unet.dtype), timesteps, **unet_kwargs(cond.to(dtype=pipe.unet.dtype))).sample
+    model = denoiser(pipe)
+    pred = predict(model, x_t.to(model.dtype), timesteps, cond.to(dtype=model.dtype))
     return mse_per_sample(pred, target).mean()
 
 
@@ -97,7 +98,6 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
     encoder) and the loss per 50 steps."""
     g = step_generator(opts.seed, 0, device=latents.device)
     scheduler = training_scheduler(pipe.scheduler)
-    num_t = scheduler.config.num_train_timesteps
     if opts.flip and mirrored is None:
         raise ValueError("flip needs the mirrored images' latents")
     with PlaceholderTokens(pipe, opts.tokens) as place:
@@ -113,7 +113,7 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
             total = 0.0
             for _ in range(opts.accumulation):
                 pick = torch.randint(0, len(latents), (opts.batch_size,), generator=g, device=g.device).tolist()
-                t = torch.randint(0, num_t, (len(pick),), generator=g, device=g.device).to(latents.device)
+                t = draw_timesteps(scheduler, len(pick), g, latents.shape).to(latents.device)
                 batch = latents[pick]
                 if opts.flip:
                     flip = torch.rand(len(pick), generator=g, device=g.device).to(latents.device) < 0.5

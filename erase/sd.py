@@ -1,7 +1,9 @@
 """Stable Diffusion wrapper: load a model of a supported family, encode, and generate.
 
-Families: `StableDiffusionPipeline` (SD 1.x and 2.x, epsilon or v-prediction) and
-`StableDiffusionXLPipeline` (SDXL: two text encoders, pooled embeddings, size/crop time ids).
+Families: `StableDiffusionPipeline` (SD 1.x and 2.x, epsilon or v-prediction),
+`StableDiffusionXLPipeline` (SDXL: two text encoders, pooled embeddings, size/crop time ids),
+`StableDiffusion3Pipeline` (SD3 / 3.5: an MMDiT transformer, CLIP-L + CLIP-G + optional T5) and
+`FluxPipeline` (FLUX.1: CLIP-L pooled + T5, packed latents); erase/families.py holds what differs.
 The same code serves the embedded digits model, a local folder and a hub id such as
 CompVis/stable-diffusion-v1-4 or stabilityai/stable-diffusion-xl-base-1.0. Device and dtype
 always come from the caller.
@@ -21,6 +23,8 @@ import diffusers
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -32,6 +36,7 @@ from erase.command import check_model
 from erase.conditioning import Conditioning
 from erase.defaults import DIGITS_MODEL_NAME, SD_GUIDANCE, SD_KIND, SD_STEPS
 from erase.digits.locate import resolve_model  # `digits` -> its folder; anything else unchanged
+from erase.families import denoiser_name, family
 
 logger = logging.getLogger(__name__)
 _DIFFUSERS_VERSION = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
@@ -50,7 +55,7 @@ SD_V1_UNET_CONFIG = dict(
     attention_head_dim=8,
 )
 
-__all__ = ["FAMILIES", "encode_images", "encode_prompts", "frozen_parts", "generate", "image_set", "is_sdxl", "load_pipeline",
+__all__ = ["FAMILIES", "encode_images", "encode_prompts", "frozen_parts", "generate", "image_set", "is_sdxl", "load_pipeline", "max_sequence_length",
            "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
 
 
@@ -60,7 +65,23 @@ def sampler_defaults(name_or_path: str) -> tuple[int, float]:
     erased from it, Stable Diffusion's otherwise. The one table every command reads."""
     from erase.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS, is_digits_model
 
-    return (DEFAULT_STEPS, DEFAULT_GUIDANCE) if is_digits_model(name_or_path) else (SD_STEPS, SD_GUIDANCE)
+    if is_digits_model(name_or_path):
+        return DEFAULT_STEPS, DEFAULT_GUIDANCE
+    return FLOW_SAMPLERS.get(_class_name(name_or_path), (SD_STEPS, SD_GUIDANCE))
+
+
+# The flow families' pipeline defaults (their __call__'s): SD3 28 steps at guidance 7; Flux 28 at its
+# distilled guidance 3.5 (FLUX.1-schnell users pass 4 steps).
+FLOW_SAMPLERS = {"StableDiffusion3Pipeline": (28, 7.0), "FluxPipeline": (28, 3.5)}
+
+
+def _class_name(name_or_path: str) -> str | None:
+    """model_index.json's `_class_name` of a folder (None for a hub id or anything unreadable: no download)."""
+    path = resolve_model(name_or_path)
+    try:
+        return json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
 
 
 def model_kind(name_or_path: str) -> str:
@@ -72,7 +93,8 @@ def model_kind(name_or_path: str) -> str:
 
 
 # The pipeline classes this toolkit erases from, by model_index.json's `_class_name`.
-FAMILIES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+FAMILIES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+            "StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
 
 
 def pipeline_class(name_or_path: str) -> type[DiffusionPipeline]:
@@ -86,7 +108,7 @@ def pipeline_class(name_or_path: str) -> type[DiffusionPipeline]:
         raise ValueError(f"cannot load model {name_or_path!r} (offline, or not a diffusers pipeline?): {err}".splitlines()[0]) from err
     if name not in FAMILIES:
         raise ValueError(f"{name_or_path} is a {name}; supported: StableDiffusionPipeline (SD 1.x, 2.x), "
-                         "StableDiffusionXLPipeline (SDXL)")
+                         "StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3, 3.5), FluxPipeline (FLUX.1)")
     return FAMILIES[name]
 
 
@@ -103,6 +125,8 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: 
     kwargs = {"dtype": dtype} if _DIFFUSERS_VERSION >= (0, 42) else {"torch_dtype": dtype}
     if cls is StableDiffusionPipeline:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
+    if cls is StableDiffusion3Pipeline and _without_t5(path):  # T5 is optional in SD3; diffusers needs telling
+        kwargs |= {"text_encoder_3": None, "tokenizer_3": None}
     try:
         pipe = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
@@ -110,6 +134,24 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: 
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
+
+def _without_t5(path: str) -> bool:
+    """An SD3 folder saved without its T5 encoder (model_index.json names none)."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False  # a hub id: its own index decides
+    return index.get("text_encoder_3") in (None, [None, None])
+
+
+def max_sequence_length(pipe) -> int | None:
+    """The T5 window a flow pipeline encodes prompts into: the pipeline's default (SD3 256, Flux 512),
+    or the T5 tokenizer's own window where that is shorter. None for the UNet families."""
+    if family(pipe) == "flux":
+        return min(512, pipe.tokenizer_2.model_max_length)
+    if family(pipe) == "sd3":
+        return min(256, pipe.tokenizer_3.model_max_length) if pipe.tokenizer_3 is not None else 256
+    return None
 
 @torch.no_grad()
 def generate(
@@ -133,6 +175,7 @@ def generate(
     for i in range(0, len(prompts), batch_size):
         chunk_prompts, chunk_seeds = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in chunk_seeds]  # diffusers moves the noise
+        window = max_sequence_length(pipe)
         with torch.autocast(pipe.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), _vae_decodes_in_its_dtype(pipe):
             out = pipe(
                 chunk_prompts,
@@ -141,6 +184,7 @@ def generate(
                 generator=generators,
                 height=height,
                 width=width,
+                **({"max_sequence_length": window} if window else {}),
             )
         images.extend(out.images)
     return images
@@ -181,6 +225,8 @@ def text_conditioning(pipe, prompts: Sequence[str], batch_size: int = 64, resolu
     embeddings (the attacks of eval/attack.py optimise those)."""
     if is_sdxl(pipe):
         return _encode_sdxl(pipe, prompts, batch_size, resolution)
+    if family(pipe) in ("sd3", "flux"):
+        return _encode_flow(pipe, prompts, batch_size)
     out = []
     for i in range(0, len(prompts), batch_size):
         ids = pipe.tokenizer(
@@ -210,20 +256,40 @@ def _encode_sdxl(pipe, prompts: Sequence[str], batch_size: int, resolution: int 
     return Conditioning(torch.cat(hidden), torch.cat(pooled), time_ids.expand(len(prompts), -1))
 
 
+def _encode_flow(pipe, prompts: Sequence[str], batch_size: int) -> Conditioning:
+    """SD3: CLIP-L and CLIP-G hidden states side by side, zero-padded to T5's width, then T5's (zeros
+    without T5), with both CLIPs' pooled embeddings; Flux: T5's hidden states and CLIP-L's pooled
+    embedding. Each pipeline's own `encode_prompt`, with its T5 window."""
+    hidden, pooled = [], []
+    window = max_sequence_length(pipe)
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i : i + batch_size])
+        if family(pipe) == "sd3":
+            h, _, p, _ = pipe.encode_prompt(chunk, None, None, device=pipe.text_encoder.device, do_classifier_free_guidance=False,
+                                            max_sequence_length=window)
+        else:
+            h, p, _ = pipe.encode_prompt(chunk, None, device=pipe.text_encoder.device, max_sequence_length=window)
+        hidden.append(h)
+        pooled.append(p)
+    return Conditioning(torch.cat(hidden), torch.cat(pooled))
+
+
 @torch.no_grad()
 def encode_images(pipe, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
-    """VAE latents (N, 4, h, w) scaled by the VAE's scaling factor (the posterior mean: deterministic)."""
+    """VAE latents (N, C, h, w) as the denoiser sees them (the posterior mean: deterministic): scaled by
+    the VAE's scaling factor, after subtracting its shift factor where it has one (SD3, Flux)."""
     vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     out = []
     for i in range(0, len(images), batch_size):
         pixels = pipe.image_processor.preprocess(list(images[i : i + batch_size])).to(vae.device, vae.dtype)
-        out.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+        out.append((vae.encode(pixels).latent_dist.mean - shift) * vae.config.scaling_factor)
     return torch.cat(out)
 
 
 def frozen_parts(pipe) -> list[str]:
     """The components an erasure never trains: the VAE and every text encoder."""
-    return [name for name in ("vae", "text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+    return [name for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, name, None) is not None]
 
 
 def model_key(pipe) -> str:
@@ -253,7 +319,7 @@ def image_set(
     key = {"model": model_key(pipe), "prompts": chosen, "seeds": seeds, "steps": num_inference_steps,
            "guidance": guidance_scale, "resolution": resolution, "scheduler": type(pipe.scheduler).__name__,
            "device": pipe.device.type, "autocast": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
-           "dtypes": {name: str(getattr(pipe, name).dtype).removeprefix("torch.") for name in frozen_parts(pipe) + ["unet"]}}
+           "dtypes": {name: str(getattr(pipe, name).dtype).removeprefix("torch.") for name in frozen_parts(pipe) + [denoiser_name(pipe)]}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / digest
     if (folder / "index.json").is_file():

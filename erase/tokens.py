@@ -80,7 +80,7 @@ class _EmbeddingWithPlaceholders(nn.Module):
 
 class PlaceholderTokens:
     """New words for a loaded pipeline whose embeddings are vectors the caller sets (and may optimise):
-    every text encoder of the pipeline (two for SDXL) sees `vectors[e][j]` wherever its tokenizer
+    every text encoder of the pipeline (two for SDXL and Flux, three for SD3 with T5) sees `vectors[e][j]` wherever its tokenizer
     produced placeholder j. Prompts keep flowing through the pipeline's own code, so generation,
     guidance and SDXL's pooled embeddings work unchanged. Inside the block the pipeline's tokenizers
     are copies that know the words; on exit the pipeline gets its own tokenizers and token
@@ -93,7 +93,8 @@ class PlaceholderTokens:
 
     def __init__(self, pipe, words: Sequence[str]) -> None:
         self.pipe, self.words = pipe, list(words)
-        self.names = [(t, e) for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+        self.names = [(t, e) for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"),
+                                                 ("tokenizer_3", "text_encoder_3"))
                       if getattr(pipe, e, None) is not None]
         self.pairs = [(getattr(pipe, t), getattr(pipe, e)) for t, e in self.names]
         self.modules: list[_EmbeddingWithPlaceholders] = []
@@ -113,11 +114,11 @@ class PlaceholderTokens:
             ids = tokenizer.convert_tokens_to_ids(self.words)
             module = _EmbeddingWithPlaceholders(encoder.get_input_embeddings(), ids)
             pooling = _pooling_module(encoder)
-            self._saved.append((encoder, pooling.eos_token_id))
+            self._saved.append((encoder, getattr(pooling, "eos_token_id", None)))  # T5 pools nothing
             encoder.set_input_embeddings(module)
             # Why: configs with eos_token_id 2 (SD 1.x, SDXL) pool at argmax(input_ids), which a new
             # word's id would win; the end-of-text id pools at the same place for every other prompt.
-            if pooling.eos_token_id == 2:
+            if getattr(pooling, "eos_token_id", None) == 2:
                 pooling.eos_token_id = tokenizer.eos_token_id
             self.modules.append(module)
         return self
@@ -125,7 +126,8 @@ class PlaceholderTokens:
     def __exit__(self, *exc) -> None:
         for (encoder, eos), module in zip(self._saved, self.modules, strict=True):
             encoder.set_input_embeddings(module.base)
-            _pooling_module(encoder).eos_token_id = eos
+            if eos is not None:
+                _pooling_module(encoder).eos_token_id = eos
         for name, tokenizer in self._tokenizers.items():
             setattr(self.pipe, name, tokenizer)
         self.pairs = [(self._tokenizers[t], getattr(self.pipe, e)) for t, e in self.names]

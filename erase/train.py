@@ -70,6 +70,7 @@ from erase.saliency import (  # noqa: E402
     save_mask,
 )
 from erase import sharding  # noqa: E402
+from erase.families import denoiser, denoiser_name  # noqa: E402
 from erase.sd import load_pipeline, pipeline_class  # noqa: E402
 from erase.uce import UCEScales, uce_edit  # noqa: E402
 
@@ -198,7 +199,7 @@ def train(cfg: TrainConfig) -> str:
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     autocast_dtype = weight_dtype if cfg.mixed_precision != "no" else None
     pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="cpu")
-    unet = pipe.unet.to(device)
+    unet = denoiser(pipe).to(device)  # the UNet, or the transformer of SD3 / Flux: what is trained
     scheduler = training_scheduler(pipe.scheduler)
     given_mask = load_mask(cfg.mask, unet) if cfg.mask else None  # fail before any generation
     peaks: dict[str, float | None] = {}
@@ -289,7 +290,7 @@ def train(cfg: TrainConfig) -> str:
         record["sharding"] = sizes.record(accelerator, optimizer_state_bytes(optimizer))
         state = sharding.full_state_dict(unet, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
-        pipe.unet = sharding.unsharded_copy(unet, state) if sharded else accelerator.unwrap_model(unet)
+        setattr(pipe, denoiser_name(pipe), sharding.unsharded_copy(unet, state) if sharded else accelerator.unwrap_model(unet))
         record = run_record(cfg, concepts, accelerator, kept, notes) | record | {
             "final_losses": logs,
             "seconds": {"data": seconds_data, "mask": seconds_mask, "train": seconds_train},

@@ -108,6 +108,73 @@ def build_tiny_sd2_pipeline(seed: int = 0):
     return pipe
 
 
+def _tiny_flow_vae():
+    """A 4-channel VAE with SD3 / Flux's latent shift (shift_factor, as their VAEs have)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        sample_size=32, scaling_factor=1.5, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def _tiny_clip(tokenizer, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=32, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _tiny_t5(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
+    """SD3's structure in miniature (as diffusers' SD3 tests build it): an MMDiT of 2 joint blocks,
+    CLIP-L + CLIP-G (pooled projections 32 + 32) and, optionally, T5; flow matching with shift 3; 16x16 images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from erase.digits import build_t5_tokenizer, build_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
+    text_encoder, text_encoder_2 = _tiny_clip(tokenizer, True), _tiny_clip(tokenizer_2, True)
+    tokenizer_3 = build_t5_tokenizer() if t5 else None
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_flow_vae(),
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=_tiny_t5(tokenizer_3, 64) if t5 else None, tokenizer_3=tokenizer_3,
+    )
+
+
+def build_tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
+    """FLUX.1's structure in miniature: 1 double and 1 single block, CLIP-L pooled + T5 (a 32-token
+    window), 2x2-packed latents (16 = 4 x 4 channels), the resolution-dependent shift, and the
+    guidance embedding of FLUX.1-dev (`guidance=False`: schnell); 16x16 images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from erase.digits import build_t5_tokenizer, build_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+    tokenizer, tokenizer_2 = build_tokenizer(), build_t5_tokenizer()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_tiny_flow_vae(), text_encoder=_tiny_clip(tokenizer, False),
+                        tokenizer=tokenizer, text_encoder_2=_tiny_t5(tokenizer_2), tokenizer_2=tokenizer_2)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
     """A tiny random pipeline saved as a diffusers folder (safetensors)."""

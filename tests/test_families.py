@@ -123,13 +123,13 @@ def test_other_pipeline_kinds_are_refused_in_one_line(tiny_sd_path: Path, tmp_pa
     other = tmp_path / "other"
     shutil.copytree(tiny_sd_path, other)
     index = json.loads((other / "model_index.json").read_text())
-    (other / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
+    (other / "model_index.json").write_text(json.dumps(index | {"_class_name": "KandinskyPipeline"}))
     from erase.train import main
 
     rc = main(["--model", str(other), "--concept", "nudity", "--output-dir", str(tmp_path / "out"),
                "--cache-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "is a FluxPipeline; supported: StableDiffusionPipeline" in err, err
+    assert rc == 2 and err.count("\n") == 1 and "is a KandinskyPipeline; supported: StableDiffusionPipeline" in err, err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 

@@ -106,3 +106,23 @@ def unknown_tokens(tokenizer, prompt: str) -> list[str]:
     """Pieces of `prompt` that the tokenizer maps to its unknown token."""
     vocab = tokenizer.get_vocab()
     return [piece for piece in tokenizer.tokenize(prompt) if piece not in vocab or piece == tokenizer.unk_token]
+
+
+def build_t5_tokenizer(model_max_length: int = 32):
+    """A T5 tokenizer (what SD3's third and Flux's second text encoder read) over the same words,
+    built offline: a SentencePiece-style Unigram model whose pieces are every vocabulary word
+    (one token each, as the CLIP tokenizer's) plus single characters, so that any lowercase text
+    encodes without unknown pieces. Ids as T5's: <pad> 0, </s> 1, <unk> 2; </s> ends every prompt."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -1.0) for w in vocabulary_words()]
+    pieces += [("\u2581", -5.0)] + [(c, -10.0) for c in _BASE_CHARS]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           model_max_length=model_max_length, extra_ids=0)
