@@ -55,7 +55,7 @@ SD_V1_UNET_CONFIG = dict(
     attention_head_dim=8,
 )
 
-__all__ = ["FAMILIES", "encode_images", "encode_prompts", "frozen_parts", "generate", "image_set", "is_sdxl", "load_pipeline", "max_sequence_length",
+__all__ = ["FAMILIES", "encode_images", "encode_prompts", "frozen_parts", "generate", "check_prompts_fit", "image_set", "is_sdxl", "load_pipeline", "max_sequence_length",
            "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
 
 
@@ -110,6 +110,36 @@ def pipeline_class(name_or_path: str) -> type[DiffusionPipeline]:
         raise ValueError(f"{name_or_path} is a {name}; supported: StableDiffusionPipeline (SD 1.x, 2.x), "
                          "StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3, 3.5), FluxPipeline (FLUX.1)")
     return FAMILIES[name]
+
+
+# What each flow family cannot run without (model_index.json's components); T5 is optional in SD3 only.
+REQUIRED_COMPONENTS = {"StableDiffusion3Pipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+                       "FluxPipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+
+
+def check_prompts_fit(name_or_path: str, prompts: Sequence[str]) -> None:
+    """A flow model's folder has the encoders its family needs, and every prompt fits its T5 window
+    (diffusers would cut a longer one silently); from model_index.json and the T5 tokenizer alone."""
+    name = _class_name(name_or_path)
+    if name not in REQUIRED_COMPONENTS:
+        return
+    path = Path(resolve_model(name_or_path))
+    index = json.loads((path / "model_index.json").read_text())
+    missing = [c for c in REQUIRED_COMPONENTS[name] if index.get(c) in (None, [None, None]) or not (path / c).is_dir()]
+    if missing:
+        raise ValueError(f"{name_or_path} is a {name} without {', '.join(missing)}: every method encodes prompts with them")
+    t5 = "tokenizer_2" if name == "FluxPipeline" else "tokenizer_3"
+    if index.get(t5) in (None, [None, None]):
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path / t5)
+    window = min(512 if name == "FluxPipeline" else 256, tokenizer.model_max_length)
+    for prompt in prompts:
+        n = len(tokenizer(prompt).input_ids)
+        if n > window:
+            raise ValueError(f"prompt {prompt[:60]!r} is {n} T5 tokens; {name_or_path}'s T5 window is {window} "
+                             "(the pipeline would cut it): shorten it")
 
 
 def is_sdxl(pipe) -> bool:

@@ -71,7 +71,9 @@ from erase.saliency import (  # noqa: E402
 )
 from erase import sharding  # noqa: E402
 from erase.families import denoiser, denoiser_name  # noqa: E402
-from erase.sd import load_pipeline, pipeline_class  # noqa: E402
+from erase.sd import check_prompts_fit, load_pipeline, pipeline_class  # noqa: E402
+
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 from erase.uce import UCEScales, uce_edit  # noqa: E402
 
 logger = get_logger(__name__)
@@ -365,8 +367,12 @@ def publish(pipe, staging: str, cfg: TrainConfig, record: dict) -> None:
 def check(argv: list[str] | None) -> TrainConfig:
     """Every input, before a model is loaded: the options, the concept, the output folder, the checkpoint."""
     cfg = parse_args(argv)
-    cfg.resolve_concept()
-    pipeline_class(cfg.pretrained_model_name_or_path)  # a supported pipeline, from its model_index.json alone
+    concept = cfg.resolve_concept()
+    cls = pipeline_class(cfg.pretrained_model_name_or_path)  # a supported pipeline, from its model_index.json alone
+    check_prompts_fit(cfg.pretrained_model_name_or_path, [*concept.forget, *concept.anchor, *concept.retain])
+    if cls.__name__ in FLOW_PIPELINES and cfg.adversarial_trains != "unet":
+        raise ValueError(f"--adversarial-trains {cfg.adversarial_trains} is not supported on a {cls.__name__}: its T5 encoder "
+                         "is not trained here; the outer step trains the transformer (--adversarial-trains unet)")
     check_output_dir(cfg)
     if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
         raise ValueError(f"checkpoint folder not found: {cfg.resume_from_checkpoint}")

@@ -157,7 +157,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
 
 
 def build_tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
-    """FLUX.1's structure in miniature: 1 double and 1 single block, CLIP-L pooled + T5 (a 32-token
+    """FLUX.1's structure in miniature: 1 double and 1 single block, CLIP-L pooled + T5 (a 77-token
     window), 2x2-packed latents (16 = 4 x 4 channels), the resolution-dependent shift, and the
     guidance embedding of FLUX.1-dev (`guidance=False`: schnell); 16x16 images."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -181,6 +181,18 @@ def tiny_sd_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-sd") / "pipeline"
     build_tiny_pipeline().save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_paths(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD3 (with and without T5), FLUX.1-dev-like (guidance embedding) and schnell-like pipelines
+    saved as diffusers folders, built once for every test that erases a flow-matching transformer."""
+    root = tmp_path_factory.mktemp("flow")
+    builds = {"sd3": lambda: build_tiny_sd3_pipeline(), "sd3-no-t5": lambda: build_tiny_sd3_pipeline(t5=False),
+              "flux": lambda: build_tiny_flux_pipeline(), "schnell": lambda: build_tiny_flux_pipeline(guidance=False)}
+    for name, build in builds.items():
+        build().save_pretrained(root / name, safe_serialization=True)
+    return {name: root / name for name in builds}
 
 
 @pytest.fixture(scope="module")

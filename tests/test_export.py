@@ -30,10 +30,10 @@ from safetensors.torch import load_file
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and much faster on a busy machine
 
-def images(pipe, prompts):
+def images(pipe, prompts, **call):
     pipe.set_progress_bar_config(disable=True)
     generator = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    return pipe(prompts, num_inference_steps=2, generator=generator, output_type="np").images * 255
+    return pipe(prompts, num_inference_steps=2, generator=generator, output_type="np", **call).images * 255
 
 def apply_delta(pipe, path):  # the README's lines
     delta = load_file(path)
@@ -53,9 +53,10 @@ def apply_delta(pipe, path):  # the README's lines
 report = []
 for case in json.loads(sys.argv[1]):
     cls = getattr(diffusers, case["pipeline"])
+    call = case.get("call", {})  # the pipeline call's own arguments (Flux: the image size)
     erased = cls.from_pretrained(case["erased"])
-    want = images(erased, case["prompts"])
-    result = {"original": float(np.abs(images(cls.from_pretrained(case["original"]), case["prompts"]) - want).max())}
+    want = images(erased, case["prompts"], **call)
+    result = {"original": float(np.abs(images(cls.from_pretrained(case["original"]), case["prompts"], **call) - want).max())}
     for kind, path in case["exports"]:
         if kind == "single-file":
             pipe = cls.from_single_file(path, config=case["original"])
@@ -65,7 +66,7 @@ for case in json.loads(sys.argv[1]):
         else:
             pipe = cls.from_pretrained(case["original"])
             pipe.load_lora_weights(path) if kind == "lora" else apply_delta(pipe, path)
-        result[path] = float(np.abs(images(pipe, case["prompts"]) - want).max())
+        result[path] = float(np.abs(images(pipe, case["prompts"], **call) - want).max())
     report.append(result)
 assert not any(m == "erase" or m.startswith("erase.") for m in sys.modules), "the check imported this project"
 print(json.dumps(report))

@@ -197,12 +197,12 @@ def test_compare_refuses_an_unsupported_erased_model_before_generating(tiny_sd_p
     other = tmp_path / "other"
     shutil.copytree(tiny_sd_path, other)
     index = json.loads((other / "model_index.json").read_text())
-    (other / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
+    (other / "model_index.json").write_text(json.dumps(index | {"_class_name": "KandinskyPipeline"}))
     (tmp_path / "prompts.txt").write_text("a cat\n")
     start = time.perf_counter()
     rc, err = call(eval_main, ["compare", str(tiny_sd_path), str(other), "--prompts", str(tmp_path / "prompts.txt"),
                                "--metrics", "nudity", "--out", str(tmp_path / "report")], capsys)
-    assert rc not in (0, None) and "is a FluxPipeline; supported" in err, err
+    assert rc not in (0, None) and "is a KandinskyPipeline; supported" in err, err
     assert time.perf_counter() - start < 5 and not (tmp_path / "report").exists()
 
 

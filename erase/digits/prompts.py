@@ -108,7 +108,7 @@ def unknown_tokens(tokenizer, prompt: str) -> list[str]:
     return [piece for piece in tokenizer.tokenize(prompt) if piece not in vocab or piece == tokenizer.unk_token]
 
 
-def build_t5_tokenizer(model_max_length: int = 32):
+def build_t5_tokenizer(model_max_length: int = 77):
     """A T5 tokenizer (what SD3's third and Flux's second text encoder read) over the same words,
     built offline: a SentencePiece-style Unigram model whose pieces are every vocabulary word
     (one token each, as the CLIP tokenizer's) plus single characters, so that any lowercase text

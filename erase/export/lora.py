@@ -8,7 +8,8 @@ Every layer's scale is 1 (alpha = rank; kohya's layout: see `lora_state_dict`). 
 carry (biases, norms, embeddings) is left out and counted as lost in the share of the change's
 energy (squared Frobenius norm) kept.
 
-Layouts: `diffusers` (peft keys `unet.<module>.lora_A.weight`, for `pipe.load_lora_weights`) and
+Layouts: `diffusers` (peft keys `unet.<module>.lora_A.weight`, or `transformer.<module>...` for SD3 and
+Flux, for `pipe.load_lora_weights`) and
 `kohya` (`lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`, the
 layout A1111 and ComfyUI load; diffusers converts it too).
 """
@@ -32,7 +33,7 @@ LAYOUTS = ("diffusers", "kohya")
 # (file <= 10% of the UNet, erasure within 5 points of the folder's); 8 is the larger (SalUn: 9.1% of the UNet,
 # 16 takes 18%) with 1.65x less pixel error than 4. On SD 1.4's wider UNet, rank 8 is ~1% of its weights.
 DEFAULT_RANK = 8
-LORA_COMPONENTS = ("unet", *TEXT_ENCODERS)
+LORA_COMPONENTS = ("unet", "transformer", *TEXT_ENCODERS)  # transformer: SD3 / Flux
 # kohya's prefixes; SDXL names its first text encoder te1
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 # kohya trains SDXL on the sgm UNet, whose added-conditioning MLP is label_emb: diffusers' kohya

@@ -1,0 +1,259 @@
+"""SD3 / SD3.5 and FLUX.1 (flow-matching transformers) through the same commands as the UNet families,
+on tiny pipelines built from configs (tests/conftest.py), shared by every test here."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import CHECK, export
+from test_train import ENV, TRAIN, run_train, weights
+
+from erase.saliency import load_mask
+
+FORGET, ANCHOR = "a photo of a nude person", "a photo of a person wearing clothes"
+FROZEN = {"sd3": ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"], "sd3-no-t5": ["vae", "text_encoder", "text_encoder_2"],
+          "flux": ["vae", "text_encoder", "text_encoder_2"], "schnell": ["vae", "text_encoder", "text_encoder_2"]}
+LOADS_AS = {"sd3": "StableDiffusion3Pipeline", "sd3-no-t5": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
+            "schnell": "FluxPipeline"}
+
+
+def erase(model: Path, out: Path, method: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_train(["--model", str(model), "--concept", "nudity", "--method", method, "--num-images", "4",
+                      "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2",
+                      "--max-train-steps", "6", "--learning-rate", "1e-4", "--resolution", "16", "--beta", "0",
+                      "--output-dir", str(out), "--cache-dir", str(out.parent / "cache"), *extra])
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def test_flow_matching_noising_and_target_on_a_hand_computed_case() -> None:
+    """x_t = (1 - sigma) x_0 + sigma eps and target eps - x_0, with t = 1000 sigma; and the target is
+    the velocity diffusers' own Euler sampler integrates: one step from sigma = 1 to 0 lands on x_0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from erase.objectives import noisy_latents_and_target, training_scheduler
+
+    scheduler = training_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    x0, eps = torch.tensor([[2.0, -1.0]]), torch.tensor([[4.0, 3.0]])
+    x_t, target = noisy_latents_and_target(scheduler, x0, eps, torch.tensor([250.0]))
+    assert torch.allclose(x_t, torch.tensor([[0.75 * 2 + 0.25 * 4, 0.75 * -1 + 0.25 * 3]]))
+    assert torch.equal(target, torch.tensor([[2.0, 4.0]]))
+
+    sampler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    sampler.set_timesteps(sigmas=[1.0], device="cpu")
+    x1, v = noisy_latents_and_target(scheduler, x0, eps, torch.tensor([1000.0]))
+    assert torch.allclose(sampler.step(v, sampler.timesteps[0], x1).prev_sample, x0)
+
+
+def test_training_sigmas_follow_the_schedulers_shift() -> None:
+    """Static shift (SD3) as the scheduler's own sigmas; Flux's resolution-dependent shift as the
+    scheduler's time_shift with the pipeline's mu for the image's token count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from erase.families import FlowMatching
+
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    u = torch.linspace(1, 1000, 1000).flip(0) / 1000
+    assert torch.allclose(FlowMatching.from_scheduler(sd3).shifted(u, (1, 16, 128, 128)), sd3.sigmas, atol=1e-6)
+
+    flux = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    mu = calculate_shift(64 * 64)  # a 1024 px image: 128 x 128 latents, 64 x 64 packed tokens
+    assert torch.allclose(FlowMatching.from_scheduler(flux).shifted(u, (1, 16, 128, 128)), flux.time_shift(mu, 1.0, u), atol=1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    t = FlowMatching.from_scheduler(sd3).draw_timesteps(20000, g, (1, 16, 128, 128))
+    # logit-normal u has median 1/2, which the shift maps to 3 * 0.5 / (1 + 2 * 0.5) = 0.75
+    assert 0 < float(t.min()) and float(t.max()) < 1000 and math.isclose(float(t.median()), 750, abs_tol=10)
+
+
+def test_flux_packing_round_trips_through_the_pipelines_own_pack_and_unpack() -> None:
+    from diffusers import FluxPipeline
+
+    from erase.families import latent_image_ids, pack_latents, unpack_latents
+
+    latents = torch.randn(2, 4, 8, 6)
+    packed = pack_latents(latents)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 4, 8, 6))
+    # the pipeline unpacks from the image size: latents of 8 x 6 with a VAE scale factor 2 are a 16 x 12 image
+    assert torch.equal(unpack_latents(packed, 8, 6), FluxPipeline._unpack_latents(packed, 16, 12, 2))
+    assert torch.equal(unpack_latents(packed, 8, 6), latents)
+    assert torch.equal(latent_image_ids(8, 6, "cpu", torch.float32), FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_predict_is_the_pipelines_own_transformer_call(family: str, tiny_flow_paths) -> None:
+    """One sampler step of the pipeline, its transformer's inputs and output captured: `predict` on the
+    unpacked latents, 1000 sigma and our encoding of the same prompt gives the same output (guidance
+    embedding, timestep scale, packing and ids included)."""
+    from erase.families import denoiser, predict, unpack_latents
+    from erase.sd import encode_prompts, load_pipeline
+
+    pipe = load_pipeline(str(tiny_flow_paths[family]))
+    model = denoiser(pipe)
+    seen = {}
+    model.register_forward_hook(lambda m, args, kwargs, out: seen.update(kwargs, out=out[0]), with_kwargs=True)
+    extra = {"max_sequence_length": 77}
+    pipe([FORGET], num_inference_steps=1, height=16, width=16, guidance_scale=3.5, generator=torch.Generator().manual_seed(0), **extra)
+    cond = encode_prompts(pipe, [FORGET])
+    x, out = seen["hidden_states"], seen["out"]
+    if family == "flux":
+        x, out = unpack_latents(x, 8, 8), unpack_latents(out, 8, 8)
+        t = seen["timestep"] * 1000
+    else:  # classifier-free guidance: the batch is (empty, prompt)
+        x, out, t = x[1:], out[1:], seen["timestep"][1:]
+    with torch.no_grad():
+        assert torch.allclose(predict(model, x, t, cond), out, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- every method
+
+
+@torch.no_grad()
+def forget_distance(original: Path, folder: Path, method: str) -> float:
+    """The method's forget loss for the transformer in `folder` on fixed noisy latents and timesteps."""
+    from erase.families import denoiser, predict
+    from erase.objectives import anchor_target, esd_target
+    from erase.sd import encode_prompts, load_pipeline
+
+    pipe = load_pipeline(str(original))
+    cond, anchor, uncond = (encode_prompts(pipe, [p] * 4) for p in (FORGET, ANCHOR, ""))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([100.0, 300.0, 500.0, 800.0])
+    model = type(denoiser(pipe)).from_pretrained(folder / "transformer")
+    target = esd_target(denoiser(pipe), x, t, cond, uncond) if method.startswith("esd") else anchor_target(model, x, t, anchor)
+    return float((predict(model, x, t, cond) - target).pow(2).mean())
+
+
+CASES = [("sd3", "salun"), ("flux", "salun"), ("sd3-no-t5", "rl"), ("schnell", "esd-x"), ("flux", "esd-u"),
+         ("sd3", "uce"), ("flux", "uce"),
+         pytest.param("sd3", "esd-x", marks=pytest.mark.slow), pytest.param("flux", "rl", marks=pytest.mark.slow),
+         pytest.param("schnell", "salun", marks=pytest.mark.slow), pytest.param("sd3-no-t5", "uce", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("family, method", CASES)
+def test_each_method_erases_each_flow_family(family: str, method: str, tiny_flow_paths, tmp_path: Path) -> None:
+    """Frozen components and masked-out transformer weights bit-identical; the forget prediction moved
+    towards the method's target (UCE: the edited text projections only, the forget prompt's text tokens
+    mapped nearer its anchor's)."""
+    original, out = tiny_flow_paths[family], tmp_path / "out"
+    proc = erase(original, out, method)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for component in FROZEN[family]:
+        a, b = weights(original, component), weights(out, component)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+    before, after = weights(original, "transformer"), weights(out, "transformer")
+    mask = load_mask(out / "saliency_mask.safetensors")
+    moved = {n for n in mask if not torch.equal(before[n], after[n])}
+    for name, m in mask.items():
+        assert torch.equal(after[name][~m], before[name][~m]), f"{name}: a masked-out weight moved"
+    record = json.loads((out / "erase_config.json").read_text())
+    if method == "uce":
+        assert set(record["edited"]) == moved == {"context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"}
+        return
+    if method == "esd-x":  # the joint blocks' projections of the text tokens, nothing else
+        assert moved and all(".attn.add_" in n and "_proj." in n for n in moved)
+    if method == "esd-u":
+        assert moved and not any(".attn.add_" in n and "_proj." in n for n in moved)
+    if method == "salun":
+        assert record["mask"]["trainable_fraction"] == pytest.approx(0.5, abs=0.01)
+    # measured at these settings: 0.76-0.98 of the loss before (esd-x on the one joint block of tiny schnell: 0.98)
+    assert forget_distance(original, out, method) < 0.99 * forget_distance(original, original, method)
+
+
+def test_outputs_and_exports_load_into_plain_pipelines_in_a_fresh_process(tiny_flow_paths, tmp_path: Path) -> None:
+    """The erased folder loads with StableDiffusion3Pipeline / FluxPipeline in a process that never imports
+    this project, and a LoRA (diffusers layout, full rank) and a delta applied to a fresh original
+    reproduce its images."""
+    cases = []
+    for family, method in (("sd3", "salun"), ("flux", "uce")):
+        original, out = tiny_flow_paths[family], tmp_path / family
+        assert erase(original, out, method, "--max-train-steps", "2").returncode == 0
+        exports = [["lora", str(export(out, tmp_path / f"{family}-lora.safetensors", "--format", "lora", "--rank", "full"))],
+                   ["delta", str(export(out, tmp_path / f"{family}-delta.safetensors", "--format", "delta"))]]
+        cases.append({"pipeline": LOADS_AS[family], "original": str(original), "erased": str(out), "exports": exports,
+                      "prompts": [FORGET], "call": {"height": 16, "width": 16, "max_sequence_length": 77}})
+    proc = subprocess.run([sys.executable, "-c", CHECK, json.dumps(cases)], capture_output=True, text=True, cwd="/",
+                          env={k: v for k, v in ENV.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(report))  # the measured pixel differences (0-255), shown with -s
+    for result, case in zip(report, cases, strict=True):
+        assert result["original"] > 0.5, case["pipeline"]  # the erasure changes the forget prompt's image
+        lora, delta = (result[path] for _, path in case["exports"])
+        assert delta == 0, result
+        if case["pipeline"] == "FluxPipeline":  # UCE moves two Linear weights: a full-rank LoRA is exact to float error
+            assert lora < 0.05, result
+        else:  # SalUn also moves biases and norms, which no LoRA carries (measured: 0.27 of 5.2 on 0-255)
+            assert lora < 0.1 * result["original"], result
+
+
+def test_adversarial_erasure_puts_placeholder_words_in_clip_and_t5(tiny_flow_paths, tmp_path: Path) -> None:
+    """The inner inversion's vectors live in every text encoder that reads the prompt (Flux: CLIP-L and
+    T5); the published pipeline knows none of the words."""
+    from diffusers import FluxPipeline
+
+    original, out = tiny_flow_paths["flux"], tmp_path / "out"
+    proc = erase(original, out, "salun", "--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "erase_config.json").read_text())
+    assert record["final_losses"]["attack_loss"] > 0
+    pipe, before = FluxPipeline.from_pretrained(out), FluxPipeline.from_pretrained(original)
+    assert len(pipe.tokenizer) == len(before.tokenizer) and len(pipe.tokenizer_2) == len(before.tokenizer_2)
+
+
+def test_flux_resume_after_kill_matches_the_uninterrupted_run(tiny_flow_paths, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    args = lambda out: ["--model", str(tiny_flow_paths["flux"]), "--concept", "nudity", "--num-images", "4",  # noqa: E731
+                        "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2",
+                        "--max-train-steps", "8", "--checkpointing-steps", "2", "--resolution", "16",
+                        "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert run_train(args(tmp_path / "full")).returncode == 0
+    killed, checkpoints = tmp_path / "killed", tmp_path / ".killed.partial" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, TRAIN, *args(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (checkpoints / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "the run finished before it could be killed"
+    resumed = run_train(args(killed) + ["--resume-from-checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((killed / "erase_config.json").read_text())["resumed_from"]
+    a, b = weights(tmp_path / "full", "transformer"), weights(killed, "transformer")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_bad_flow_input_is_refused_in_one_line_before_a_model_loads(tiny_flow_paths, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from erase.train import main
+
+    no_clip_g = tmp_path / "no-clip-g"
+    shutil.copytree(tiny_flow_paths["sd3"], no_clip_g)
+    shutil.rmtree(no_clip_g / "text_encoder_2")
+    long_prompt = " ".join(["a red handwritten digit seven"] * 16)  # 81 T5 tokens; the tiny T5 reads 77
+    cases = [
+        (["--model", str(tiny_flow_paths["flux"]), "--forget-prompt", long_prompt, "--anchor-prompt", ANCHOR,
+          "--retain-prompt", "a tree"], "T5 window is 77"),
+        (["--model", str(no_clip_g), "--concept", "nudity"], "without text_encoder_2"),
+        (["--model", str(tiny_flow_paths["flux"]), "--concept", "nudity", "--adversarial", "--adversarial-trains", "both"],
+         "not supported on a FluxPipeline"),
+    ]
+    for argv, message in cases:
+        rc = main(argv + ["--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
