@@ -82,7 +82,10 @@ def shard_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules FSDP gathers one at a time, innermost first: every transformer layer and every
     resnet, then each attention, each down, mid and up block (what is left of it: its samplers).
     The UNet itself (embeddings, first and last convs) comes last. Sharding at this grain keeps the
-    largest gathered unit small: SDXL's ten-layer attentions would otherwise gather 1.3B weights."""
+    largest gathered unit small: SDXL's ten-layer attentions would otherwise gather 1.3B weights. A
+    transformer (SD3, Flux) is sharded block by block, its embedders and output layer with the whole."""
+    if hasattr(unet, "transformer_blocks"):  # SD3 / Flux: each joint (and Flux's single) transformer block
+        return [*unet.transformer_blocks, *getattr(unet, "single_transformer_blocks", [])]
     units = []
     for block in [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]:
         for attention in getattr(block, "attentions", None) or []:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from erase.families import denoiser_name
 from erase.inversion import InversionSettings, denoising_loss, inversion_captions, train_inversion
 from erase.objectives import step_generator, training_scheduler
 from erase.tokens import PlaceholderTokens, allowed_token_ids, project_simplex, straight_through_one_hot, sweep_timesteps
@@ -265,7 +266,7 @@ def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Jud
     del pipe  # one model in memory at a time
     pipe = load(erased)
     befores = images_of(pipe, samples, opts.num_inference_steps)
-    for name in [*frozen_parts(pipe), "unet"]:
+    for name in [*frozen_parts(pipe), denoiser_name(pipe)]:
         getattr(pipe, name).requires_grad_(False)
     generation_seconds = time.time() - started
 

@@ -3,6 +3,7 @@ on tiny pipelines built from configs (tests/conftest.py), shared by every test h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -257,3 +258,46 @@ def test_bad_flow_input_is_refused_in_one_line_before_a_model_loads(tiny_flow_pa
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and message in err, err
         assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_concept_inversion_learns_vectors_in_every_text_encoder(family: str, tiny_flow_paths) -> None:
+    """Pham et al.'s inversion on a transformer: one vector per text encoder (SD3: CLIP-L, CLIP-G, T5;
+    Flux: CLIP-L, T5), moved by the flow-matching denoising loss; the pipeline's tokenizers are its own after."""
+    from erase.families import denoiser
+    from erase.inversion import InversionSettings, inversion_captions, train_inversion
+    from erase.sd import load_pipeline
+
+    pipe = load_pipeline(str(tiny_flow_paths[family]))
+    for part in (denoiser(pipe), pipe.text_encoder, pipe.text_encoder_2):
+        part.requires_grad_(False)
+    sizes = [len(pipe.tokenizer), len(pipe.tokenizer_2)]
+    opts = InversionSettings(steps=3, lr=0.1, batch_size=2)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    captions = inversion_captions([FORGET] * 4, "nude", opts.phrase)
+    vectors, trace = train_inversion(pipe, latents, captions, opts)
+    assert len(vectors) == (3 if family == "sd3" else 2) and all(v.shape[0] == 1 for v in vectors)
+    assert all(math.isfinite(x) for x in trace)
+    assert [len(pipe.tokenizer), len(pipe.tokenizer_2)] == sizes
+    fewer, _ = train_inversion(pipe, latents, captions, dataclasses.replace(opts, steps=1))
+    assert all(not torch.allclose(a, b) for a, b in zip(vectors, fewer, strict=True))  # every encoder's vector moves
+
+
+def test_two_sharded_processes_give_the_one_process_mask_on_flux(tiny_flow_paths, tmp_path: Path) -> None:
+    """--fsdp over 2 gloo processes, the transformer's blocks as the shard units, Adam's moments for the
+    mask's entries only: the 1-process mask to the bit, weights within 1e-4, half the bytes each."""
+    from test_sharding import check_sharding_record, launch
+
+    args = lambda out, *more: ["--model", str(tiny_flow_paths["flux"]), "--concept", "nudity", "--num-images", "4",  # noqa: E731
+                               "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2",
+                               "--max-train-steps", "3", "--learning-rate", "1e-3", "--resolution", "16", "--optimizer-state",
+                               "masked", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), *more]
+    one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded = run_train(args(tmp_path / "sharded", "--fsdp"), launcher=launch(2, 29547))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    check_sharding_record(tmp_path / "sharded", tmp_path / "one")
+    m1, m2 = load_mask(tmp_path / "one" / "saliency_mask.safetensors"), load_mask(tmp_path / "sharded" / "saliency_mask.safetensors")
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    a, b = weights(tmp_path / "one", "transformer"), weights(tmp_path / "sharded", "transformer")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
