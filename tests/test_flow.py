@@ -301,3 +301,32 @@ def test_two_sharded_processes_give_the_one_process_mask_on_flux(tiny_flow_paths
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
     a, b = weights(tmp_path / "one", "transformer"), weights(tmp_path / "sharded", "transformer")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_compare_runs_on_an_erased_flux_model(tiny_flow_paths, tmp_path: Path) -> None:
+    """`python -m eval compare` generates with each family's own pipeline call (Flux's T5 window, its size)."""
+    original, out = tiny_flow_paths["flux"], tmp_path / "out"
+    assert erase(original, out, "uce").returncode == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{FORGET}\n{ANCHOR}\n")
+    proc = subprocess.run([sys.executable, "-m", "eval", "compare", str(original), str(out), "--prompts", str(prompts),
+                           "--metrics", "nudity", "--images-per-prompt", "1", "--steps", "2", "--resolution", "16",
+                           "--out", str(tmp_path / "report")], env=ENV, capture_output=True, text=True, timeout=300,
+                          cwd=Path(TRAIN).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["erased"]["nudity"]["num_images"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["salun", "esd-x"])
+def test_worst_case_prompt_search_on_flux(method: str, tiny_flow_paths, tmp_path: Path) -> None:
+    from erase.worst_case import WorstCaseConfig, run
+
+    candidates = tmp_path / "candidates.json"
+    candidates.write_text(json.dumps([[FORGET, ANCHOR], ["a red car", "a blue car"], ["a dog", "a cat"], ["a tree", "a house"]]))
+    cfg = WorstCaseConfig(target="prompt", model=str(tiny_flow_paths["flux"]), prompts=str(candidates), size="2",
+                          method=method, outer_steps=2, inner_steps=2, images_per_prompt=1, generation_steps=2,
+                          cache_dir=str(tmp_path / "cache"))
+    report = run(cfg, show_progress=False)
+    assert len(report["prompts"]) == 2 and len(report["history"]) == 2

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from erase.command import quiet_libraries
-from erase.conditioning import Conditioning, unet_kwargs
+from erase.conditioning import Conditioning
+from erase.families import denoiser, predict
 from erase.objectives import (
     anchor_target,
     esd_target,
@@ -106,7 +107,7 @@ class PromptProblem:
         """(retain_j, forget_j, prediction) per image of the batch; the prediction carries the graph."""
         x, t = batch["noisy_latents"], batch["timesteps"]
         cond = self._cond(batch, self.data.embeds)
-        model_pred = unet(x, t, **unet_kwargs(cond)).sample
+        model_pred = predict(unet, x, t, cond)
         if self.frozen is not None:
             uncond = self.data.uncond_embeds.to(self.device).expand(len(x), -1, -1)
             target = esd_target(self.frozen, x, t, cond, uncond, self.eta)
@@ -159,14 +160,14 @@ class PromptProblem:
     def _denoising(self, unet: nn.Module, batch) -> torch.Tensor:
         """The upper-level forget loss per image (see `upper_loss`)."""
         x, t = batch["noisy_latents"], batch["timesteps"]
-        pred = unet(x, t, **unet_kwargs(self._cond(batch, self.data.embeds))).sample
+        pred = predict(unet, x, t, self._cond(batch, self.data.embeds))
         loss = mse_per_sample(pred, batch["target"])
         if self.upper_loss == "contrast":  # minus the same loss under the anchor (ESD: the empty prompt)
             if self.frozen is not None:
                 reference = self.data.uncond_embeds.to(self.device).expand(len(x), -1, -1)
             else:
                 reference = self._cond(batch, self.data.anchor_embeds)
-            loss = loss - mse_per_sample(unet(x, t, **unet_kwargs(reference)).sample, batch["target"])
+            loss = loss - mse_per_sample(predict(unet, x, t, reference), batch["target"])
         return loss
 
     @torch.no_grad()
@@ -240,7 +241,7 @@ def build_prompt_problem(cfg: WorstCaseConfig, pipe, prompts: Sequence[str], anc
     pipe.vae.requires_grad_(False)
     for name in frozen_parts(pipe):
         getattr(pipe, name).requires_grad_(False)
-    return PromptProblem(pipe.unet, scheduler, data, cfg.lower_options(), beta=cfg.beta, eval_draws=cfg.eval_draws,
+    return PromptProblem(denoiser(pipe), scheduler, data, cfg.lower_options(), beta=cfg.beta, eval_draws=cfg.eval_draws,
                          upper_loss=cfg.prompt_loss, device=device)
 
 
