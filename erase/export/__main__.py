@@ -80,8 +80,8 @@ def check(argv: list[str] | None, parser: argparse.ArgumentParser) -> tuple[Expo
     source = erased_source(opts.erased)
     family = pipeline_class(opts.erased).__name__
     if family in ("StableDiffusion3Pipeline", "FluxPipeline"):
-        # not written yet: the original SD3 / BFL checkpoint layouts (from_single_file) and kohya's Flux names
-        if opts.format == "single-file" or opts.layout == "kohya":
+        # not written yet: the original SD3 / BFL checkpoint layouts (from_single_file) and kohya's SD3 names
+        if opts.format == "single-file" or (opts.layout == "kohya" and family == "StableDiffusion3Pipeline"):
             what = "single-file" if opts.format == "single-file" else "lora --layout kohya"
             raise ValueError(f"export --format {what} is not supported for a {family} yet: use --format lora "
                              "(diffusers layout, load_lora_weights) or --format delta")

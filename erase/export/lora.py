@@ -11,13 +11,18 @@ energy (squared Frobenius norm) kept.
 Layouts: `diffusers` (peft keys `unet.<module>.lora_A.weight`, or `transformer.<module>...` for SD3 and
 Flux, for `pipe.load_lora_weights`) and
 `kohya` (`lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`, the
-layout A1111 and ComfyUI load; diffusers converts it too).
+layout A1111 and ComfyUI load; diffusers converts it too). For FLUX.1, kohya's layout names the
+original Black Forest Labs modules (`lora_unet_double_blocks_0_img_attn_qkv`, what ComfyUI loads):
+diffusers' separate q, k, v (and a single block's MLP input) are one fused Linear there, so their
+LoRAs are stacked into one: A = [A_q; A_k; A_v], B = blockdiag(B_q, B_k, B_v), which gives each part's
+B A exactly (a part that did not change is a zero block).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -135,8 +140,73 @@ def lora_layers(erased: str, original: str, rank: int | None, device: str | torc
     return layers, energy
 
 
-def lora_state_dict(layers: list[LoraLayer], layout: str, sdxl: bool) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file in the `diffusers` or `kohya` layout."""
+# diffusers' Flux modules -> (BFL module, part, parts of the fused Linear); the inverse of diffusers'
+# _convert_kohya_flux_lora_to_diffusers
+_FLUX_DOUBLE = {"attn.to_q": ("img_attn_qkv", 0, 3), "attn.to_k": ("img_attn_qkv", 1, 3), "attn.to_v": ("img_attn_qkv", 2, 3),
+                "attn.add_q_proj": ("txt_attn_qkv", 0, 3), "attn.add_k_proj": ("txt_attn_qkv", 1, 3),
+                "attn.add_v_proj": ("txt_attn_qkv", 2, 3), "attn.to_out.0": ("img_attn_proj", 0, 1),
+                "attn.to_add_out": ("txt_attn_proj", 0, 1), "norm1.linear": ("img_mod_lin", 0, 1),
+                "norm1_context.linear": ("txt_mod_lin", 0, 1), "ff.net.0.proj": ("img_mlp_0", 0, 1), "ff.net.2": ("img_mlp_2", 0, 1),
+                "ff_context.net.0.proj": ("txt_mlp_0", 0, 1), "ff_context.net.2": ("txt_mlp_2", 0, 1)}
+_FLUX_SINGLE = {"attn.to_q": ("linear1", 0, 4), "attn.to_k": ("linear1", 1, 4), "attn.to_v": ("linear1", 2, 4),
+                "proj_mlp": ("linear1", 3, 4), "proj_out": ("linear2", 0, 1), "norm.linear": ("modulation_lin", 0, 1)}
+_FLUX_TOP = {"context_embedder": "txt_in", "x_embedder": "img_in", "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in_out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
+             "proj_out": "final_layer_linear", "norm_out.linear": "final_layer_adaLN_modulation_1"}
+
+
+def flux_kohya_name(module: str) -> tuple[str, int, int]:
+    """(kohya name, part, parts) of a diffusers FluxTransformer2DModel Linear."""
+    if module in _FLUX_TOP:
+        return "lora_unet_" + _FLUX_TOP[module], 0, 1
+    if (m := re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", module)) and \
+            m[3] in (table := _FLUX_DOUBLE if m[1] == "transformer_blocks" else _FLUX_SINGLE):
+        name, part, parts = table[m[3]]
+        return f"lora_unet_{'double' if m[1] == 'transformer_blocks' else 'single'}_blocks_{m[2]}_{name}", part, parts
+    raise BadInput(f"the Flux transformer's {module} has no name in kohya's layout: export --layout diffusers")
+
+
+def flux_kohya_layers(layers: list[LoraLayer]) -> list[LoraLayer]:
+    """The transformer's LoRAs in BFL's modules: fused parts stacked (A = [A_i], B = blockdiag(B_i), a zero
+    block for a part that did not change; each part as wide as the others, the MLP of a single block 4x,
+    Flux's mlp_ratio), the final AdaLN's up rows in BFL's (shift, scale) order."""
+    groups: dict[str, dict[int, LoraLayer]] = {}
+    parts_of: dict[str, int] = {}
+    for layer in layers:
+        name, part, parts = flux_kohya_name(layer.module)
+        up = layer.up
+        if layer.module == "norm_out.linear":  # diffusers keeps (scale, shift), BFL (shift, scale)
+            up = torch.cat(up.chunk(2)[::-1])
+        groups.setdefault(name, {})[part] = LoraLayer("transformer", name, layer.down, up)
+        parts_of[name] = parts
+    fused = []
+    for name, found in groups.items():
+        if parts_of[name] == 1:
+            outs = [found[0].up.shape[0]]
+        else:  # q, k, v as wide as each other; a single block's MLP input 4x as wide
+            width = next((layer.up.shape[0] for p, layer in found.items() if p < 3), None) or found[3].up.shape[0] // 4
+            outs = [width] * 3 + ([4 * width] if parts_of[name] == 4 else [])
+        up = next(iter(found.values())).up.new_zeros(sum(outs), sum(layer.rank for layer in found.values()))
+        downs, row, col = [], 0, 0
+        for p, out in enumerate(outs):
+            if p in found:
+                up[row : row + out, col : col + found[p].rank] = found[p].up
+                downs.append(found[p].down)
+                col += found[p].rank
+            row += out
+        fused.append(LoraLayer("transformer", name, torch.cat(downs), up))
+    return fused
+
+
+def lora_state_dict(layers: list[LoraLayer], layout: str, sdxl: bool, flux: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file in the `diffusers` or `kohya` layout (`flux`: BFL's names, fused)."""
+    if layout == "kohya" and flux:
+        layers = [layer for layer in layers if layer.component != "transformer"] + \
+                 flux_kohya_layers([layer for layer in layers if layer.component == "transformer"])
     if layout == "diffusers":
         return {f"{layer.component}.{text_model_key(layer.component, layer.module)}.lora_{ab}.weight": tensor.cpu()
                 for layer in layers for ab, tensor in (("A", layer.down), ("B", layer.up))}
@@ -147,10 +217,10 @@ def lora_state_dict(layers: list[LoraLayer], layout: str, sdxl: bool) -> dict[st
     tensors = {}
     for layer in layers:
         module = text_model_key(layer.component, layer.module)
-        prefix = "lora_te1_" if sdxl and layer.component == "text_encoder" else KOHYA_PREFIX[layer.component]
+        prefix = "lora_te1_" if sdxl and layer.component == "text_encoder" else KOHYA_PREFIX.get(layer.component, "")
         if layer.component == "unet":
             module = KOHYA_UNET_NAMES.get(module, module)
-        name = prefix + module.replace(".", "_")
+        name = module if layer.component == "transformer" else prefix + module.replace(".", "_")
         factor = (layer.rank / r0) ** 0.5
         tensors[f"{name}.lora_down.weight"] = (layer.down * factor if layer.rank != r0 else layer.down).cpu()
         tensors[f"{name}.lora_up.weight"] = (layer.up * factor if layer.rank != r0 else layer.up).cpu()
@@ -203,9 +273,11 @@ def export_lora(erased: str, original: str, out: str, rank: int | None, layout: 
     if not layers:
         raise BadInput("no Linear or Conv2d weight of the UNet or text encoders changed: nothing for a LoRA to carry "
                        "(export --format delta)")
-    sdxl = "text_encoder_2" in module_components(erased)
+    components = module_components(erased)
+    flux = components.get("transformer", ("", ""))[1] == "FluxTransformer2DModel"
+    sdxl = "text_encoder_2" in components and not flux
     info = lora_metadata(layers, energy, layout, rank)
-    size = write_safetensors(out, lora_state_dict(layers, layout, sdxl), (metadata or {}) | info, record_size=True)
+    size = write_safetensors(out, lora_state_dict(layers, layout, sdxl, flux), (metadata or {}) | info, record_size=True)
     return {"format": "lora", "layout": layout, "rank": info["rank"], "layer_ranks": sorted({layer.rank for layer in layers}),
             "layers": len(layers), "file_bytes": size, "energy_kept": energy.share(energy.kept),
             "energy_not_representable": energy.share(energy.not_representable),
