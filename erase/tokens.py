@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PlaceholderTokens", "allowed_token_ids", "project_simplex", "straight_through_one_hot", "sweep_timesteps"]
+__all__ = ["PlaceholderTokens", "allowed_token_ids", "word_rows", "project_simplex", "straight_through_one_hot", "sweep_timesteps"]
 
 
 def project_simplex(a: torch.Tensor, iterations: int = 60) -> torch.Tensor:
@@ -165,3 +165,20 @@ def allowed_token_ids(tokenizer, rows: int) -> torch.Tensor:
     rows for (placeholders excluded), less the special tokens."""
     banned = set(tokenizer.all_special_ids)
     return torch.tensor([i for i in range(min(tokenizer.vocab_size, rows)) if i not in banned])
+
+
+def word_rows(source_tokenizer, ids: torch.Tensor, tokenizer, matrix: torch.Tensor) -> torch.Tensor:
+    """(len(ids), D) rows of `matrix` (the token embeddings of `tokenizer`) for the words that
+    `source_tokenizer`'s tokens `ids` spell: the rows themselves where both tokenizers share a
+    vocabulary (SDXL's and SD3's two CLIPs), else the mean row of the word's pieces in `tokenizer`
+    (T5 in SD3 and Flux: each relaxed CLIP token is seen by T5 as the word it writes)."""
+    if type(tokenizer).__name__.removesuffix("Fast") == type(source_tokenizer).__name__.removesuffix("Fast") and \
+            len(tokenizer) == len(source_tokenizer):
+        return matrix[ids.to(matrix.device)]
+    words = [source_tokenizer.decode([i]).strip() or source_tokenizer.convert_ids_to_tokens(i) for i in ids.tolist()]
+    pieces = [p or [tokenizer.unk_token_id] for p in tokenizer(words, add_special_tokens=False).input_ids]
+    owner = torch.tensor([row for row, p in enumerate(pieces) for _ in p], device=matrix.device)
+    flat = torch.tensor([i for p in pieces for i in p], device=matrix.device)
+    counts = torch.tensor([len(p) for p in pieces], device=matrix.device, dtype=matrix.dtype)
+    rows = torch.zeros(len(pieces), matrix.shape[1], device=matrix.device, dtype=matrix.dtype).index_add_(0, owner, matrix[flat])
+    return rows / counts[:, None]

@@ -212,12 +212,7 @@ def run_attack(args, state) -> dict:
     opts = attack_options(args, steps, concept)
     samples, source = attack_samples(args, concept, guidance, opts.seed)
     for what in ("original", "model"):
-        cls = pipeline_class(getattr(args, what))  # a supported kind, before anything is generated
-        if opts.attack == "unlearndiffatk" and cls.__name__ in ("StableDiffusion3Pipeline", "FluxPipeline"):
-            # its relaxed one-hot tokens range over one vocabulary that every text encoder shares (CLIP's);
-            # T5's is another: not written yet
-            raise BadInput(f"--attack unlearndiffatk is not supported on a {cls.__name__} yet (T5 has its own "
-                           "vocabulary); --attack inversion is")
+        pipeline_class(getattr(args, what))  # a supported kind, before anything is generated
     judge = judge_for(concept, device=state.device, classifier_model=args.classifier_model)
     report = attack(args.original, args.model, samples, judge, opts, concept_name=concept.name,
                         device=state.device, dtype=DTYPES[args.dtype], height=args.resolution, state=state,

@@ -48,7 +48,7 @@ from PIL import Image
 from erase.families import denoiser_name
 from erase.inversion import InversionSettings, denoising_loss, inversion_captions, train_inversion
 from erase.objectives import step_generator, training_scheduler
-from erase.tokens import PlaceholderTokens, allowed_token_ids, project_simplex, straight_through_one_hot, sweep_timesteps
+from erase.tokens import PlaceholderTokens, allowed_token_ids, project_simplex, straight_through_one_hot, sweep_timesteps, word_rows
 from eval.attack_report import summarise
 from eval.generate import Generated, Sample, sharded
 from eval.judges import Judge, judge_thresholds
@@ -189,7 +189,8 @@ def unlearndiffatk(pipe, latents: torch.Tensor, sample: Sample, judge: Judge, op
         tokenizer = place.pairs[0][0]
         matrices = place.embedding_matrices()
         allowed = allowed_token_ids(tokenizer, matrices[0].shape[0]).to(latents.device)
-        rows = [m.detach()[allowed].float() for m in matrices]  # (V', D) per text encoder
+        # (V', D) per text encoder: the token's own row, or (T5) the mean row of the word it writes
+        rows = [word_rows(tokenizer, allowed, t, m.detach()).float() for (t, _), m in zip(place.pairs, matrices, strict=True)]
         theta = project_simplex(torch.full((opts.k, len(allowed)), 1.0 / len(allowed), device=latents.device))
         theta.requires_grad_(True)
         optimizer = torch.optim.Adam([theta], lr=opts.lr, weight_decay=opts.weight_decay)
@@ -208,7 +209,7 @@ def unlearndiffatk(pipe, latents: torch.Tensor, sample: Sample, judge: Judge, op
                     theta.copy_(project_simplex(theta))
                 losses.append(loss.detach())
             found = allowed[theta.detach().argmax(dim=-1)]
-            place.set([m.detach()[found] for m in matrices])  # the tokens themselves, exactly
+            place.set([word_rows(tokenizer, found, t, m.detach()) for (t, _), m in zip(place.pairs, matrices, strict=True)])  # the words
             with torch.no_grad():
                 image = check(prompt)
             verdict = judge([image])[0]

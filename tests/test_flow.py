@@ -363,3 +363,29 @@ def test_flux_kohya_layout_is_what_diffusers_reads_as_the_same_lora(tmp_path: Pa
         assert torch.allclose(product(layer.module), layer.up @ layer.down, atol=1e-4), layer.module
     for silent in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj", "single_transformer_blocks.1.attn.to_v"):
         assert not product(silent).any(), silent
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_unlearndiffatk_runs_with_t5_reading_each_token_as_its_word(family: str, tiny_flow_paths) -> None:
+    """The relaxed tokens range over CLIP's vocabulary; T5 (its own vocabulary) sees each as the mean of
+    its word's T5 pieces. The attack runs its sweep through the flow schedule and reports its words."""
+    from erase.sd import encode_images, generate, load_pipeline
+    from erase.tokens import word_rows
+    from eval.attack import AttackOptions, unlearndiffatk
+    from eval.generate import Sample
+    from eval.judges import Judge
+
+    pipe = load_pipeline(str(tiny_flow_paths[family]))
+    t5 = pipe.tokenizer_2 if family == "flux" else pipe.tokenizer_3
+    matrix = (pipe.text_encoder_2 if family == "flux" else pipe.text_encoder_3).get_input_embeddings().weight.detach()
+    ids = torch.tensor(pipe.tokenizer.convert_tokens_to_ids(["red</w>", "seven</w>"]))
+    expected = torch.stack([matrix[t5("red", add_special_tokens=False).input_ids].mean(0),
+                            matrix[t5("seven", add_special_tokens=False).input_ids].mean(0)])
+    assert torch.allclose(word_rows(pipe.tokenizer, ids, t5, matrix), expected)
+    image = generate(pipe, [FORGET], [0], 2, 3.5, height=16, width=16)[0]
+    latents = encode_images(pipe, [image])
+    opts = AttackOptions(k=2, iterations=2, timesteps=2, weight_decay=0.0, num_inference_steps=2)
+    judge = Judge("never", lambda images: [0.0] * len(images), {"never": 0.5})
+    record = unlearndiffatk(pipe, latents, Sample(0, FORGET, 0, 3.5), judge, opts,
+                            lambda p: generate(pipe, [p], [0], 2, 3.5, height=16, width=16)[0])
+    assert not record["attacked"] and record["checks"] == 2 and len(record["adversarial_words"]) == 2
