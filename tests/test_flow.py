@@ -321,6 +321,21 @@ def test_compare_runs_on_an_erased_flux_model(tiny_flow_paths, tmp_path: Path) -
     assert report["erased"]["nudity"]["num_images"] == 2
 
 
+
+@pytest.mark.slow
+def test_the_apps_handler_on_sd3_and_flux(tiny_flow_paths, tmp_path: Path) -> None:
+    """The demo's before / after handler (the same `generate` as eval compare, at each pipeline's default size)."""
+    import app
+
+    for family in ("sd3", "flux"):
+        original, out = tiny_flow_paths[family], tmp_path / family
+        assert erase(original, out, "uce").returncode == 0
+        demo = app.build_app(str(original), str(out), labeller=None, steps=2, guidance=3.5)
+        handler = next(fn.fn for fn in demo.fns.values() if fn.name == "run")
+        before, after, caption = handler(FORGET, 0, 2, 3.5, 2, False)
+        assert len(before) == 2 and len(after) == 2 and "seeds 0-1" in caption
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["salun", "esd-x"])
 def test_worst_case_prompt_search_on_flux(method: str, tiny_flow_paths, tmp_path: Path) -> None:
