@@ -165,8 +165,9 @@ def test_each_method_erases_each_flow_family(family: str, method: str, tiny_flow
         assert moved and not any(".attn.add_" in n and "_proj." in n for n in moved)
     if method == "salun":
         assert record["mask"]["trainable_fraction"] == pytest.approx(0.5, abs=0.01)
-    # measured at these settings: 0.76-0.98 of the loss before (esd-x on the one joint block of tiny schnell: 0.98)
-    assert forget_distance(original, out, method) < 0.99 * forget_distance(original, original, method)
+    ratio = forget_distance(original, out, method) / forget_distance(original, original, method)
+    print(f"{family} {method}: forget loss after / before = {ratio:.3f}")  # shown with -s
+    assert ratio < 0.99
 
 
 def test_outputs_and_exports_load_into_plain_pipelines_in_a_fresh_process(tiny_flow_paths, tmp_path: Path) -> None:
