@@ -191,8 +191,10 @@ def esd_loss(
 
 
 # ESD-x fine-tunes the projections that read text tokens only, ESD-u every other weight. In a UNet these
-# are the cross-attention blocks (attn2). An MMDiT (SD3, Flux) has no cross-attention: text and image
-# tokens attend jointly, and the text tokens enter each joint block's attention through add_q_proj,
-# add_k_proj and add_v_proj (Flux's single blocks read the merged stream: they count as ESD-u's).
-_READS_TEXT = r"\.attn2\.|\.attn\.add_[qkv]_proj\."
+# are the cross-attention blocks (the attn2 of each attention's transformer blocks). An MMDiT (SD3, Flux)
+# has no cross-attention: text and image tokens attend jointly, and the text tokens enter each joint
+# block's attention through add_q_proj, add_k_proj and add_v_proj (Flux's single blocks read the merged
+# stream, and SD3.5's `transformer_blocks.N.attn2` is a second self-attention of the image tokens: both
+# count as ESD-u's).
+_READS_TEXT = r"attentions\.\d+\.transformer_blocks\.\d+\.attn2\.|\.attn\.add_[qkv]_proj\."
 ESD_TARGETS = {"esd-x": _READS_TEXT, "esd-u": rf"^(?!.*({_READS_TEXT}))"}

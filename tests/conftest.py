@@ -136,8 +136,9 @@ def _tiny_t5(tokenizer, d_model: int = 32):
 
 
 def build_tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
-    """SD3's structure in miniature (as diffusers' SD3 tests build it): an MMDiT of 2 joint blocks,
-    CLIP-L + CLIP-G (pooled projections 32 + 32) and, optionally, T5; flow matching with shift 3; 16x16 images."""
+    """SD3.5's structure in miniature (as diffusers' SD3 tests build it): an MMDiT of 2 joint blocks (the
+    first with SD3.5-medium's second image self-attention, `attn2`; RMS q/k norms), CLIP-L + CLIP-G
+    (pooled projections 32 + 32) and, optionally, T5; flow matching with shift 3; 16x16 images."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from erase.digits import build_t5_tokenizer, build_tokenizer
@@ -145,7 +146,8 @@ def build_tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
+                                        dual_attention_layers=(0,), qk_norm="rms_norm")
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
     text_encoder, text_encoder_2 = _tiny_clip(tokenizer, True), _tiny_clip(tokenizer_2, True)
     tokenizer_3 = build_t5_tokenizer() if t5 else None

@@ -135,7 +135,7 @@ def forget_distance(original: Path, folder: Path, method: str) -> float:
 
 CASES = [("sd3", "salun"), ("flux", "salun"), ("sd3-no-t5", "rl"), ("schnell", "esd-x"), ("flux", "esd-u"),
          ("sd3", "uce"), ("flux", "uce"),
-         pytest.param("sd3", "esd-x", marks=pytest.mark.slow), pytest.param("flux", "rl", marks=pytest.mark.slow),
+         ("sd3", "esd-x"), pytest.param("flux", "rl", marks=pytest.mark.slow),
          pytest.param("schnell", "salun", marks=pytest.mark.slow), pytest.param("sd3-no-t5", "uce", marks=pytest.mark.slow)]
 
 
