@@ -119,12 +119,12 @@ def _tiny_flow_vae():
     )
 
 
-def _tiny_clip(tokenizer, projection: bool):
+def _tiny_clip(tokenizer, projection: bool, width: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+    config = CLIPTextConfig(hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                             vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1, projection_dim=32, hidden_act="gelu")
+                            pad_token_id=1, projection_dim=width, hidden_act="gelu")
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
@@ -138,23 +138,26 @@ def _tiny_t5(tokenizer, d_model: int = 32):
 def build_tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
     """SD3.5's structure in miniature (as diffusers' SD3 tests build it): an MMDiT of 2 joint blocks (the
     first with SD3.5-medium's second image self-attention, `attn2`; RMS q/k norms), CLIP-L + CLIP-G
-    (pooled projections 32 + 32) and, optionally, T5; flow matching with shift 3; 16x16 images."""
+    (pooled projections 32 + 48) and, optionally, T5; flow matching with shift 3; 16x16 images."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from erase.digits import build_t5_tokenizer, build_tokenizer
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=80,
+                                        caption_projection_dim=32, pooled_projection_dim=80, pos_embed_max_size=16,
                                         dual_attention_layers=(0,), qk_norm="rms_norm")
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
-    text_encoder, text_encoder_2 = _tiny_clip(tokenizer, True), _tiny_clip(tokenizer_2, True)
+    # CLIP-G wider than CLIP-L, and CLIP-L's projection the identity, as in SD3 (single-file loading relies on both)
+    text_encoder, text_encoder_2 = _tiny_clip(tokenizer, True), _tiny_clip(tokenizer_2, True, width=48)
+    with torch.no_grad():
+        text_encoder.text_projection.weight.copy_(torch.eye(32))
     tokenizer_3 = build_t5_tokenizer() if t5 else None
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_flow_vae(),
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        text_encoder_3=_tiny_t5(tokenizer_3, 64) if t5 else None, tokenizer_3=tokenizer_3,
+        text_encoder_3=_tiny_t5(tokenizer_3, 80) if t5 else None, tokenizer_3=tokenizer_3,
     )
 
 

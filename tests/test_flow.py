@@ -173,15 +173,17 @@ def test_each_method_erases_each_flow_family(family: str, method: str, tiny_flow
 def test_outputs_and_exports_load_into_plain_pipelines_in_a_fresh_process(tiny_flow_paths, tmp_path: Path) -> None:
     """The erased folder loads with StableDiffusion3Pipeline / FluxPipeline in a process that never imports
     this project, and a LoRA (diffusers layout, full rank; Flux also kohya's BFL names) and a delta applied
-    to a fresh original reproduce its images."""
+    to a fresh original reproduce its images; SD3's single file loads with every tensor equal."""
     cases = []
     for family, method, layouts in (("sd3", "salun", ["diffusers"]), ("flux", "uce", ["diffusers"]),
-                                    ("flux", "esd-x", ["diffusers", "kohya"])):
+                                    ("flux", "esd-x", ["diffusers", "kohya"])):  # (Flux single files: the test below)
         original, out = tiny_flow_paths[family], tmp_path / f"{family}-{method}"
         assert erase(original, out, method).returncode == 0
         exports = [["lora", str(export(out, tmp_path / f"{out.name}-{layout}.safetensors", "--format", "lora", "--rank", "full",
                                        "--layout", layout))] for layout in layouts]
         exports.append(["delta", str(export(out, tmp_path / f"{out.name}-delta.safetensors", "--format", "delta"))])
+        if family == "sd3":  # the whole pipeline in Stability's layout, read by StableDiffusion3Pipeline.from_single_file
+            exports.append(["single-file", str(export(out, tmp_path / f"{out.name}-single.safetensors", "--format", "single-file"))])
         cases.append({"pipeline": LOADS_AS[family], "original": str(original), "erased": str(out), "exports": exports,
                       "prompts": [FORGET], "call": {"height": 16, "width": 16, "max_sequence_length": 77}, "method": method})
     proc = subprocess.run([sys.executable, "-c", CHECK, json.dumps(cases)], capture_output=True, text=True, cwd="/",
@@ -191,8 +193,11 @@ def test_outputs_and_exports_load_into_plain_pipelines_in_a_fresh_process(tiny_f
     print(json.dumps(report))  # the measured pixel differences (0-255), shown with -s
     for result, case in zip(report, cases, strict=True):
         assert result["original"] > 0.25, case["pipeline"]  # the erasure changes the forget prompt's image (flux esd-x: 0.44)
-        *loras, delta = (result[path] for _, path in case["exports"])
-        assert delta == 0, result
+        loras = [result[path] for kind, path in case["exports"] if kind == "lora"]
+        assert all(result[path] == 0 for kind, path in case["exports"] if kind == "delta"), result
+        # SD3's single file: every tensor of the loaded pipeline equal; images within float error (measured 0.0002)
+        assert all(result[path] < 0.05 for kind, path in case["exports"] if kind == "single-file"), result
+        assert result.get("tensors_differing", []) == [], result
         for lora in loras:
             if case["method"] == "uce":  # two Linear weights moved: a full-rank LoRA is exact to float error
                 assert lora < 0.05, result
@@ -405,3 +410,24 @@ def test_unlearndiffatk_runs_with_t5_reading_each_token_as_its_word(family: str,
     record = unlearndiffatk(pipe, latents, Sample(0, FORGET, 0, 3.5), judge, opts,
                             lambda p: generate(pipe, [p], [0], 2, 3.5, height=16, width=16)[0])
     assert not record["attacked"] and record["checks"] == 2 and len(record["adversarial_words"]) == 2
+
+
+def test_flux_single_file_is_what_diffusers_reads_back_at_flux_width() -> None:
+    """Black Forest Labs' layout at FLUX.1's width (diffusers' converter fixes 3072; one double and one single
+    block, bf16): diffusers' own converter gives back every tensor (q/k/v and linear1 fused, RMS norm
+    scales, the final AdaLN in (shift, scale) order); a narrower Flux is refused before loading."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from erase.export.single_file_flow import flux_to_bfl
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                                       num_attention_heads=24, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g, dtype=torch.bfloat16) for k, v in model.state_dict().items()}
+    checkpoint = flux_to_bfl(state)
+    assert "double_blocks.0.img_attn.qkv.weight" in checkpoint and "single_blocks.0.linear1.weight" in checkpoint
+    assert "double_blocks.0.img_attn.norm.query_norm.scale" in checkpoint and "txt_in.weight" in checkpoint
+    back = convert_flux_transformer_checkpoint_to_diffusers(dict(checkpoint))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)

@@ -79,17 +79,18 @@ def check(argv: list[str] | None, parser: argparse.ArgumentParser) -> tuple[Expo
     opts = options_from(ExportOptions, parser.parse_args(argv))
     source = erased_source(opts.erased)
     family = pipeline_class(opts.erased).__name__
-    if family in ("StableDiffusion3Pipeline", "FluxPipeline"):
-        # not written yet: the original SD3 / BFL checkpoint layouts (from_single_file) and kohya's SD3 names
-        if opts.format == "single-file" or (opts.layout == "kohya" and family == "StableDiffusion3Pipeline"):
-            what = "single-file" if opts.format == "single-file" else "lora --layout kohya"
-            raise ValueError(f"export --format {what} is not supported for a {family} yet: use --format lora "
-                             "(diffusers layout, load_lora_weights) or --format delta")
+    if opts.layout == "kohya" and family == "StableDiffusion3Pipeline":  # not written yet
+        raise ValueError("export --format lora --layout kohya is not supported for a StableDiffusion3Pipeline yet: use "
+                         "--layout diffusers (load_lora_weights) or --format delta")
     original = opts.original or source
     if opts.format == "single-file":
         from erase.export.single_file import check_single_file
+        from erase.export.single_file_flow import check_flux_width
 
-        check_single_file(opts.erased)
+        if family == "FluxPipeline":
+            check_flux_width(opts.erased)
+        elif family != "StableDiffusion3Pipeline":  # every SD3 / SD3.5 pipeline has an original layout
+            check_single_file(opts.erased)
     else:
         try:
             check_model(original, "original model")
@@ -113,7 +114,12 @@ def export(opts: ExportOptions, original: str) -> dict:
         return export_lora(opts.erased, original, opts.out, opts.max_rank, opts.layout or "diffusers", opts.device, metadata)
     if opts.format == "single-file":
         from erase.export.single_file import export_single_file
+        from erase.export.single_file_flow import export_single_file_flow
+        from erase.sd import pipeline_class
 
+        family = pipeline_class(opts.erased).__name__
+        if family in ("StableDiffusion3Pipeline", "FluxPipeline"):
+            return export_single_file_flow(opts.erased, opts.out, family == "FluxPipeline", metadata)
         return export_single_file(opts.erased, opts.out, metadata)
     from erase.export.delta import export_delta
 
