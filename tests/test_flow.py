@@ -205,25 +205,41 @@ def test_outputs_and_exports_load_into_plain_pipelines_in_a_fresh_process(tiny_f
                 assert lora < 0.1 * result["original"], result
 
 
-def test_adversarial_erasure_puts_placeholder_words_in_clip_and_t5(tiny_flow_paths, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["flux", pytest.param("sd3", marks=pytest.mark.slow)])
+def test_adversarial_erasure_puts_placeholder_words_in_clip_and_t5(family: str, tiny_flow_paths, tmp_path: Path) -> None:
     """The inner inversion's vectors live in every text encoder that reads the prompt (Flux: CLIP-L and
-    T5); the published pipeline knows none of the words."""
-    from diffusers import FluxPipeline
+    T5; SD3: CLIP-L, CLIP-G and T5); the published pipeline knows none of the words."""
+    from diffusers import DiffusionPipeline
 
-    original, out = tiny_flow_paths["flux"], tmp_path / "out"
+    original, out = tiny_flow_paths[family], tmp_path / "out"
     proc = erase(original, out, "salun", "--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "erase_config.json").read_text())
     assert record["final_losses"]["attack_loss"] > 0
-    pipe, before = FluxPipeline.from_pretrained(out), FluxPipeline.from_pretrained(original)
-    assert len(pipe.tokenizer) == len(before.tokenizer) and len(pipe.tokenizer_2) == len(before.tokenizer_2)
+    pipe, before = DiffusionPipeline.from_pretrained(out), DiffusionPipeline.from_pretrained(original)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        if getattr(before, name, None) is not None:
+            assert len(getattr(pipe, name)) == len(getattr(before, name)), name
 
 
-def test_flux_resume_after_kill_matches_the_uninterrupted_run(tiny_flow_paths, tmp_path: Path) -> None:
+def test_several_concepts_in_one_run_on_sd3(tiny_flow_paths, tmp_path: Path) -> None:
+    """Two concepts, one mask, one loop: both forget prompts' sets are generated and recorded."""
+    out = tmp_path / "out"
+    proc = run_train(["--model", str(tiny_flow_paths["sd3"]), "--concept", "tench", "--concept", "church", "--num-images", "2",
+                      "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2", "--max-train-steps", "2",
+                      "--resolution", "16", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "erase_config.json").read_text())
+    assert [c["name"] for c in record["concepts"]] == ["tench", "church"]
+    assert record["mask"]["trainable_fraction"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("family", ["flux", pytest.param("sd3", marks=pytest.mark.slow)])
+def test_resume_after_kill_matches_the_uninterrupted_run(family: str, tiny_flow_paths, tmp_path: Path) -> None:
     import signal
     import time
 
-    args = lambda out: ["--model", str(tiny_flow_paths["flux"]), "--concept", "nudity", "--num-images", "4",  # noqa: E731
+    args = lambda out: ["--model", str(tiny_flow_paths[family]), "--concept", "nudity", "--num-images", "4",  # noqa: E731
                         "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2",
                         "--max-train-steps", "8", "--checkpointing-steps", "2", "--resolution", "16",
                         "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
@@ -290,6 +306,26 @@ def test_concept_inversion_learns_vectors_in_every_text_encoder(family: str, tin
     assert [len(pipe.tokenizer), len(pipe.tokenizer_2)] == sizes
     fewer, _ = train_inversion(pipe, latents, captions, dataclasses.replace(opts, steps=1))
     assert all(not torch.allclose(a, b) for a, b in zip(vectors, fewer, strict=True))  # every encoder's vector moves
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_mask_on_sd3(tiny_flow_paths, tmp_path: Path) -> None:
+    """Plain data parallelism (DDP over 2 gloo processes) against one process with 2 micro-batches."""
+    from test_sharding import launch
+
+    args = lambda out, *more: ["--model", str(tiny_flow_paths["sd3"]), "--concept", "nudity", "--num-images", "4",  # noqa: E731
+                               "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2",
+                               "--max-train-steps", "3", "--learning-rate", "1e-3", "--resolution", "16",
+                               "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), *more]
+    one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_train(args(tmp_path / "two"), launcher=launch(2, 29549))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "erase_config.json").read_text())["num_processes"] == 2
+    m1, m2 = load_mask(tmp_path / "one" / "saliency_mask.safetensors"), load_mask(tmp_path / "two" / "saliency_mask.safetensors")
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    a, b = weights(tmp_path / "one", "transformer"), weights(tmp_path / "two", "transformer")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
 def test_two_sharded_processes_give_the_one_process_mask_on_flux(tiny_flow_paths, tmp_path: Path) -> None:
