@@ -236,22 +236,15 @@ def test_several_concepts_in_one_run_on_sd3(tiny_flow_paths, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("family", ["flux", pytest.param("sd3", marks=pytest.mark.slow)])
 def test_resume_after_kill_matches_the_uninterrupted_run(family: str, tiny_flow_paths, tmp_path: Path) -> None:
-    import signal
-    import time
+    from test_train import kill_after_checkpoint
 
     args = lambda out: ["--model", str(tiny_flow_paths[family]), "--concept", "nudity", "--num-images", "4",  # noqa: E731
                         "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2",
                         "--max-train-steps", "8", "--checkpointing-steps", "2", "--resolution", "16",
                         "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
     assert run_train(args(tmp_path / "full")).returncode == 0
-    killed, checkpoints = tmp_path / "killed", tmp_path / ".killed.partial" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, TRAIN, *args(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (checkpoints / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not killed.exists(), "the run finished before it could be killed"
+    killed = tmp_path / "killed"
+    kill_after_checkpoint(args(killed), killed)
     resumed = run_train(args(killed) + ["--resume-from-checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((killed / "erase_config.json").read_text())["resumed_from"]

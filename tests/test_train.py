@@ -167,6 +167,18 @@ def test_esd_trains_its_subset(method: str, touched: str, tiny_sd_path: Path, tm
         assert not any(".attn2." in k for k in moved)
 
 
+def kill_after_checkpoint(args: list[str], out: Path, step: int = 2) -> None:
+    """erase/train.py with `args` in its own process, killed (SIGKILL) once checkpoint-`step` is written."""
+    checkpoints = out.parent / f".{out.name}.partial" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, TRAIN, *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (checkpoints / f"checkpoint-{step}").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the run finished before it could be killed"
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd1-adversarial", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_path: Path) -> None:
     """Killed after a checkpoint and resumed: the same weights as the uninterrupted run. Adversarial:
@@ -181,15 +193,7 @@ def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_p
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_out = tmp_path / "killed"
-    checkpoints = tmp_path / ".killed.partial" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, TRAIN, *args(killed_out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (checkpoints / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not killed_out.exists(), "the run finished before it could be killed"
-
+    kill_after_checkpoint(args(killed_out), killed_out)
     resumed = run_train(args(killed_out) + ["--resume-from-checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((killed_out / "erase_config.json").read_text())
