@@ -27,6 +27,8 @@ __all__ = ["MaskedAdam", "optimizer_state_bytes"]
 
 
 class MaskedAdam(torch.optim.Optimizer):
+    packs_moments = True  # its moments are plain tensors of the mask's entries, also on sharded parameters
+
     def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, sharded: bool = False) -> None:
         check_mask_matches(mask, model)

@@ -305,18 +305,20 @@ def load_training_state(folder: str | os.PathLike, model: torch.nn.Module, optim
     optimizer = getattr(optimizer, "optimizer", optimizer)
     by_name = dict(model.named_parameters())
     fused = any(group.get("fused") for group in optimizer.param_groups)
+    packed = getattr(optimizer, "packs_moments", False)  # MaskedAdam: plain tensors of the mask's entries
     for key, value in saved.items():
         name, field = key.split("::")
         p = by_name[name]
         if field == "step":  # Adam keeps it on the CPU, fused Adam beside the weights
             optimizer.state[p][field] = value.reshape(()).to(local(p).device if fused else "cpu")
         else:
-            optimizer.state[p][field] = _as_param_layout(value.to(local(p).device), p)
+            optimizer.state[p][field] = value.to(local(p).device) if packed else _as_param_layout(value.to(local(p).device), p)
 
 
 def _as_param_layout(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A moment read from a file, as the optimizer holds it: a DTensor like `p` when it has p's
-    local shape (torch.optim.Adam on FSDP2 parameters), else the packed tensor itself (MaskedAdam)."""
+    """A moment read from a file, as torch.optim.Adam holds it on FSDP2 parameters: a DTensor like `p`.
+    (MaskedAdam's packed moments stay plain tensors, even where every local entry is in the mask and
+    the packed moment has the local shape.)"""
     if is_sharded(p) and value.shape == local(p).shape:
         from torch.distributed.tensor import DTensor
 
