@@ -249,18 +249,23 @@ def batch_for(data: ErasureData, scheduler, cfg, g: torch.Generator) -> tuple[di
 
 
 def saliency_mask(unet, scheduler, data: ErasureData, cfg, accelerator: Accelerator,
-                  adversarial: Conditioning | None = None) -> dict[str, torch.Tensor]:
+                  adversarial: Conditioning | None = None, sharded: bool = False) -> dict[str, torch.Tensor]:
     """SalUn Eq. 8 on D_f, each process taking a contiguous shard; gradients are summed
     across processes inside compute_saliency_mask, so the mask does not depend on their number.
-    With `adversarial` (one row per forget image), the loss on those conditionings is added."""
-    n = len(data.forget_latents)
-    shard = range(n)[accelerator.process_index * n // accelerator.num_processes : (accelerator.process_index + 1) * n // accelerator.num_processes]
-    idx = list(shard)
-    batches = [idx[i : i + cfg.saliency_batch_size] for i in range(0, len(idx), cfg.saliency_batch_size)]
+    With `adversarial` (one row per forget image), the loss on those conditionings is added.
+    `sharded`: every forward and backward is a set of collectives, so every process runs as many
+    batches as the largest shard needs; a process with fewer runs zero-weighted ones (no gradient)."""
+    n, w, bs = len(data.forget_latents), accelerator.num_processes, cfg.saliency_batch_size
+    idx = list(range(n)[accelerator.process_index * n // w : (accelerator.process_index + 1) * n // w])
+    batches = [idx[i : i + bs] for i in range(0, len(idx), bs)]
+    if sharded:  # the largest shard holds ceil(n / w) images
+        batches += [[]] * (-(-(-(-n // w)) // bs) - len(batches))
 
     device = data.forget_latents.device
 
     def loss_fn(model, batch_idx):
+        weight = 1.0 if batch_idx else 0.0  # a padding batch: image 0 at weight 0, for the collectives alone
+        batch_idx = batch_idx or [0]
         x = [noised(scheduler, data.forget_latents[i : i + 1], step_generator(cfg.seed, -1, i, device=device)) for i in batch_idx]
         stack = {k: torch.cat([xi[k] for xi in x]) for k in ("noisy_latents", "timesteps", "target")}
         uncond = data.prompt_embeds[:1].expand(len(batch_idx), -1, -1)
@@ -270,7 +275,7 @@ def saliency_mask(unet, scheduler, data: ErasureData, cfg, accelerator: Accelera
             if adversarial is not None:
                 loss = loss + saliency_loss(model, stack["noisy_latents"], stack["timesteps"], stack["target"],
                                             adversarial[batch_idx], uncond, cfg.guidance_scale)
-            return loss
+            return loss * weight
 
     # fp16 gradients underflow without a loss scale (GradScaler's initial 2^16); fp32 and bf16 need none
     loss_scale = 2.0**16 if cfg.mixed_precision == "fp16" else 1.0
@@ -296,7 +301,7 @@ def trainable_mask(unet, cfg, scheduler, data, accelerator, staging: str, given=
         adversarial = None
         if adversary is not None and cfg.adversarial_mask == "both":
             adversarial = attack_round(adversary, data, scheduler, cfg, accelerator, step=-1)(data.forget_prompt)
-        mask = saliency_mask(unet, scheduler, data, cfg, accelerator, adversarial=adversarial)
+        mask = saliency_mask(unet, scheduler, data, cfg, accelerator, adversarial=adversarial, sharded=sharded)
         return {n: m.cpu() for n, m in mask.items()}  # 1 byte a weight: off the GPU
     chosen = {n for n, _ in select_parameters(unet, ESD_TARGETS.get(cfg.method, ".*"))}
     return {n: torch.full(local(p).shape, n in chosen, dtype=torch.bool) for n, p in unet.named_parameters()}
