@@ -104,6 +104,9 @@ class TrainConfig:
     cache_dir: str = field(default=os.path.join(os.path.expanduser("~"), ".cache", "erase"), metadata={"help": "generated image sets"})
     report_to: str | None = field(default=None, metadata={"help": "tracker (default: tensorboard when installed)"})
     seed: int = field(default=0, metadata={"help": "training randomness (the generated sets use fixed seeds)"})
+    ddp_timeout: int | None = field(default=None, metadata={
+        "help": "seconds a process waits in a collective before the run is aborted (default: the backend's, "
+                "NCCL 10 minutes); raise it where one step is long (a huge model's first step, a slow file system)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.concept, str):  # one name, as the Python API took it before --concept repeated
@@ -130,7 +133,7 @@ class TrainConfig:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if min(self.beta, self.eta, self.guidance_scale, self.checkpointing_steps, self.erase_scale, self.preserve_scale) < 0:
             raise ValueError("beta, eta, guidance_scale, checkpointing_steps, erase_scale and preserve_scale must be >= 0")
-        check_positive(uce_lambda=self.uce_lambda)
+        check_positive(uce_lambda=self.uce_lambda, ddp_timeout=self.ddp_timeout)
         if self.adversarial:
             if self.method == "uce":
                 raise ValueError("--adversarial trains against an attack: uce has no training loop (use salun, rl, esd-x or esd-u)")
@@ -203,16 +206,16 @@ def prepare_data(pipe, cfg, concepts: Sequence[Concept], accelerator: Accelerato
     concept forgets. With `autocast_dtype` the sets are generated under autocast in that precision."""
     gen = dict(num_inference_steps=cfg.generation_steps, guidance_scale=cfg.guidance_scale,
                cache_dir=os.path.join(cfg.cache_dir, "images"), resolution=cfg.resolution,
-               batch_size=cfg.generation_batch_size, autocast_dtype=autocast_dtype)
-    with accelerator.main_process_first():  # one process generates, the others read the cache
-        # fixed generation seeds: every training seed and method reuses the same cached sets
-        forget_images, forget_prompts, anchor_prompts = [], [], []
-        for concept in concepts:
-            images, prompts = image_set(pipe, concept.forget, cfg.num_images, 0, **gen)
-            forget_images += images
-            forget_prompts += prompts
-            anchor_prompts += [concept.anchor[i % len(concept.forget)] for i in range(len(prompts))]  # image_set cycles
-        retain_images, retain_prompts = image_set(pipe, merge_concepts(list(concepts)).retain, cfg.num_images, 10**6, **gen)
+               batch_size=cfg.generation_batch_size, autocast_dtype=autocast_dtype, state=accelerator)
+    # every process generates its share of each set (none waits on a lone generator past the collectives'
+    # timeout); fixed generation seeds: every training seed and method reuses the same cached sets
+    forget_images, forget_prompts, anchor_prompts = [], [], []
+    for concept in concepts:
+        images, prompts = image_set(pipe, concept.forget, cfg.num_images, 0, **gen)
+        forget_images += images
+        forget_prompts += prompts
+        anchor_prompts += [concept.anchor[i % len(concept.forget)] for i in range(len(prompts))]  # image_set cycles
+    retain_images, retain_prompts = image_set(pipe, merge_concepts(list(concepts)).retain, cfg.num_images, 10**6, **gen)
     distinct = list(dict.fromkeys(["", *forget_prompts, *anchor_prompts, *retain_prompts]))
     row = {p: i for i, p in enumerate(distinct)}
     device = denoiser(pipe).device

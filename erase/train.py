@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 # Why here: transformers prints notes about optional packages (torchvision) while diffusers
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
-from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed  # noqa: E402
+from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from erase.atomic import replace_dir, shared_output_dir, write_json  # noqa: E402
@@ -173,7 +174,8 @@ def train(cfg: TrainConfig) -> str:
     accelerator = Accelerator(
         # Why no cache: under FSDP2 a cast cached in the anchor's no-grad forward is reused by the
         # trained forward, and the sharded units get no gradient. A cast gives the same values either way.
-        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)]
+        + ([InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))] if cfg.ddp_timeout else []),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=report_to,
