@@ -305,9 +305,13 @@ def _encode_flow(pipe, prompts: Sequence[str], batch_size: int) -> Conditioning:
 
 
 @torch.no_grad()
-def encode_images(pipe, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+def encode_images(pipe, images: Sequence[Image.Image], batch_size: int | None = None) -> torch.Tensor:
     """VAE latents (N, C, h, w) as the denoiser sees them (the posterior mean: deterministic): scaled by
-    the VAE's scaling factor, after subtracting its shift factor where it has one (SD3, Flux)."""
+    the VAE's scaling factor, after subtracting its shift factor where it has one (SD3, Flux). Default
+    batch: 32 images up to 512 x 512 pixels, fewer of larger ones (8 at 1024 px: the encoder's
+    activations grow with the pixels, ~26 GB for 32 SDXL images in bf16)."""
+    if batch_size is None:
+        batch_size = max(1, min(32, 32 * 512 * 512 // (images[0].width * images[0].height))) if images else 1
     vae = pipe.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     out = []
