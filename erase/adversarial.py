@@ -192,17 +192,21 @@ class TrainedTextEncoders:
         return text_conditioning(self.pipe, list(prompts), resolution=resolution).float()
 
     def attach(self, optimizer: torch.optim.Optimizer | None, lr: float) -> torch.optim.Optimizer:
-        """Add the encoders to `optimizer` (a group of their own; None: a new Adam over them alone) and
-        average their gradients over the processes just before each step."""
+        """Add the encoders to `optimizer` (a group of their own; None: a new Adam over them alone). The
+        training loop averages their gradients (`average_gradients`) before each optimizer step."""
         if optimizer is None:
             optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         else:
             getattr(optimizer, "optimizer", optimizer).add_param_group({"params": self.parameters()})
-        getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(lambda *_: self._average_gradients())
         return optimizer
 
     @torch.no_grad()
-    def _average_gradients(self) -> None:
+    def average_gradients(self) -> None:
+        """Average the encoders' gradients over the processes, as DDP does for the UNet's. Called after the
+        backward pass and BEFORE the optimizer's step: under fp16 the step is GradScaler's, which checks
+        each process's gradients for inf on its own; averaged first, an overflow on one process reaches
+        every process, and all skip the same step (averaged inside the step, a process that skipped
+        never joined the all-reduce its peers waited in)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         world = torch.distributed.get_world_size()

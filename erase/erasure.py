@@ -393,6 +393,8 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
                 else:
                     loss, terms = salun_loss(unet, forget, retain, cfg.beta)
                 accelerator.backward(loss)
+                if text_encoders is not None and accelerator.sync_gradients:
+                    text_encoders.average_gradients()  # before the step: every process sees the same overflow
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in terms.items():

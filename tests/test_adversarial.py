@@ -4,6 +4,7 @@ and what the min-max loop buys on the embedded model."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,21 @@ def test_after_adversarial_training_the_concept_is_harder_to_invert(tmp_path: Pa
         _, trace = train_inversion(pipe, encode_images(pipe, images), inversion_captions(prompts, "seven", settings.phrase), settings)
         losses[name] = trace[-1]
     assert losses["adversarial"] > 1.1 * losses["plain"], losses
+
+
+def test_an_overflow_on_one_process_skips_the_step_on_every_process(tmp_path: Path) -> None:
+    """fp16's gradient scaler with trained text encoders over 2 gloo processes, an inf in one process's
+    gradient: both skip that step (weights unchanged, the scale halved alike), then both take the next,
+    finite and equal. (Averaged inside the step, as before, the process that skipped never joined the
+    all-reduce its peer waited in: the run hung until the collective timeout.)"""
+    from test_sharding import ENV, ROOT, launch
+
+    out = tmp_path / "overflow.json"
+    proc = subprocess.run(launch(2, 29551) + [str(ROOT / "tests" / "fp16_overflow_script.py"), str(out)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["world"] == 2 and found["same_weights"]
+    for record in found["records"]:
+        assert [r["moved"] for r in record] == [False, True] and all(r["finite"] for r in record)
+        assert record[0]["scale"] == 2.0**7  # halved after the skipped step
