@@ -36,8 +36,10 @@ class MaskedAdam(torch.optim.Optimizer):
         moving = moving_tensors(mask, sharded)  # sharded: a tensor whose rows here are all frozen still steps (empty)
         params = [named[n] for n in mask if n in moving]
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        # the bits live outside `state`: a checkpoint holds the moments, the mask file the mask
+        # the bits live outside `state`: a checkpoint holds the moments, the mask file the mask; the count of
+        # each tensor's mask entries, known here, lets a step find them with no host sync
         self._packed = {named[n]: pack_bits(m.to(local(named[n]).device)) for n, m in mask.items() if n in moving}
+        self._count = {named[n]: int(m.sum()) for n, m in mask.items() if n in moving}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -52,8 +54,11 @@ class MaskedAdam(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 weights = local(p)  # a sharded (FSDP) parameter: its own rows, with the mask of those rows
-                chosen = unpack_bits(self._packed[p], weights.shape)
-                grad = local(p.grad)[chosen]
+                # the mask's entries as flat indices of a size known in advance: no device-to-host sync
+                # (boolean indexing asks the device how many entries there are, per tensor and step)
+                chosen = torch.nonzero_static(unpack_bits(self._packed[p], weights.shape).reshape(-1),
+                                              size=self._count[p]).squeeze(1)
+                grad = local(p.grad).reshape(-1).index_select(0, chosen)
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
@@ -69,9 +74,9 @@ class MaskedAdam(torch.optim.Optimizer):
                 bias_correction2 = 1 - beta2**step
                 step_size = lr / bias_correction1
                 denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-                values = weights[chosen]
+                values = weights.reshape(-1).index_select(0, chosen)
                 values.addcdiv_(exp_avg, denom, value=-step_size)
-                weights.masked_scatter_(chosen, values)
+                weights.view(-1).index_copy_(0, chosen, values)
         return loss
 
 
