@@ -96,16 +96,21 @@ def shard_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return units
 
 
-def shard_unet(unet: torch.nn.Module, device: torch.device, reshard_after_forward: bool = True) -> torch.nn.Module:
+def shard_unet(unet: torch.nn.Module, device: torch.device, reshard_after_forward: bool = True,
+               param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """fully_shard every unit of `shard_units`, then the UNet, over every launched process; in
-    place (the parameters become DTensors). Gradients are reduced as DDP's mean."""
+    place (the parameters become DTensors). Gradients are reduced as DDP's mean. `param_dtype`
+    (bf16 training): each unit is gathered in that precision, half the traffic of fp32 and no fp32
+    copy for autocast to cast again, while the shards (the masters) and the gradient reductions
+    stay fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for unit in shard_units(unet):
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(unet, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(unet, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     set_gradient_sum(unet, mean=True)
     return unet
 

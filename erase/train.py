@@ -225,9 +225,9 @@ def train(cfg: TrainConfig) -> str:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if sharded:  # in place: from here each process holds its rows of every UNet tensor
-        sharding.shard_unet(unet, device)
+        sharding.shard_unet(unet, device, param_dtype=autocast_dtype)  # bf16 gathers under bf16 (fp16 is refused)
         if frozen_unet is not None:
-            sharding.shard_unet(frozen_unet, device)
+            sharding.shard_unet(frozen_unet, device)  # the teacher is stored in weight_dtype already
     start = time.perf_counter()
     mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask, resume=checkpoint is not None,
                           adversary=adversary, sharded=sharded)

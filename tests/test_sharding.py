@@ -120,7 +120,7 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
 def test_sharded_families_match_one_process(family: str, extra: list[str], tiny_family_paths: dict, tmp_path: Path) -> None:
     """SD 2.x (ESD's sharded teacher) in fp32: the one-process mask and weights. SDXL (Adam's moments
     for the mask's entries only) in bf16, where the two runs' gradients differ in their last bits: a
-    mask within 1% of the bits, and every tensor the mask lets move has moved (under autocast's cast
+    mask within 3% of the bits, and every tensor the mask lets move has moved (under autocast's cast
     cache, SalUn's no-grad anchor pass left the sharded units without gradients)."""
     args = lambda out, *more: ["--concept", "nudity", *small_run(tiny_family_paths[family], out, tmp_path / "cache"), *extra, *more]  # noqa: E731
     one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
@@ -132,7 +132,9 @@ def test_sharded_families_match_one_process(family: str, extra: list[str], tiny_
         assert compare(tmp_path / "one", tmp_path / "sharded") < 1e-4
         return
     m1, m2 = load_mask(tmp_path / "one" / "saliency_mask.safetensors"), load_mask(tmp_path / "sharded" / "saliency_mask.safetensors")
-    assert sum(int((m1[k] != m2[k]).sum()) for k in m1) <= 0.01 * sum(m.numel() for m in m1.values())
+    # the sharded run gathers bf16 parameters (FSDP2's MixedPrecisionPolicy: norms run in bf16 too), the
+    # one-process run casts fp32 weights under autocast: measured 24,738 of 1,360,740 bits differ (1.8%; 2,746 = 0.2% before the policy)
+    assert sum(int((m1[k] != m2[k]).sum()) for k in m1) <= 0.03 * sum(m.numel() for m in m1.values())
     before, after = weights(tiny_family_paths[family], "unet"), weights(tmp_path / "sharded", "unet")
     assert all(not torch.equal(before[k], after[k]) for k, m in m2.items() if bool(m.any())), "a trainable tensor never moved"
 
