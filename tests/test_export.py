@@ -419,3 +419,34 @@ def test_the_command_refuses_in_one_line_in_a_fresh_process(erased_sd, tiny_fami
                           env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and proc.stdout == "" and not out.exists()
     assert proc.stderr.count("\n") == 1 and "was not erased from" in proc.stderr and "text_encoder_2" in proc.stderr, proc.stderr
+
+
+def test_a_small_rank_of_a_large_change_takes_the_randomized_svd_and_matches_the_full_one():
+    """Rank 8 of a 320 x 2880 change (rank + 8 below a quarter of 320): the randomized SVD's factors give
+    the best rank-8 approximation's error and energy, as the full SVD's do."""
+    from erase.export.lora import factorize
+
+    g = torch.Generator().manual_seed(0)
+    # a change with a decaying spectrum, as an erasure's is (not white noise, whose top values are all alike)
+    delta = (torch.randn(320, 40, generator=g) * torch.logspace(0, -2, 40)) @ torch.randn(40, 2880, generator=g)
+    spectrum = torch.linalg.svdvals(delta.double())
+    down, up, kept = factorize(delta, 8)
+    assert down.shape == (8, 2880) and up.shape == (320, 8)
+    assert kept == pytest.approx(float(spectrum[:8].square().sum()), rel=1e-5)
+    error = float((delta.double() - up.double() @ down.double()).square().sum())  # in float64: the residual is small
+    optimum = float(spectrum[8:].square().sum())
+    assert optimum <= error <= 1.001 * optimum  # Eckart-Young: no rank-8 matrix does better
+
+
+def test_sdxl_kohya_loras_name_layers_as_kohya_does(tiny_family_paths, tmp_path):
+    """SDXL's kohya layout names the UNet's layers by the sgm UNet kohya trains on (input_blocks,
+    output_blocks, label_emb), not by diffusers' paths: A1111 maps diffusers-named SDXL layers through its
+    SD 1.x table and loses up_blocks_0's upsampler; diffusers and ComfyUI read sgm names (the slow test
+    above loads such a file with load_lora_weights)."""
+    erased = make_erased(tiny_family_paths["sdxl"], tmp_path / "erased")
+    path = export(erased, tmp_path / "kohya.safetensors", "--format", "lora", "--layout", "kohya")
+    with safe_open(str(path), "pt") as f:
+        modules = {k.split(".")[0] for k in f.keys() if k.startswith("lora_unet_")}
+    assert modules and not any(m.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for m in modules)
+    assert "lora_unet_label_emb_0_0" in modules and "lora_unet_output_blocks_0_0_in_layers_2" in modules
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k" in modules  # one layer per block here

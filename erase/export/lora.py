@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from pathlib import Path
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,9 +42,9 @@ DEFAULT_RANK = 8
 LORA_COMPONENTS = ("unet", "transformer", *TEXT_ENCODERS)  # transformer: SD3 / Flux
 # kohya's prefixes; SDXL names its first text encoder te1
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-# kohya trains SDXL on the sgm UNet, whose added-conditioning MLP is label_emb: diffusers' kohya
-# converter maps that spelling, but not add_embedding's (its SDXL rule strips the layer index)
-KOHYA_UNET_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+# kohya trains SDXL on the sgm UNet and names its layers so (`lora_unet_input_blocks_4_1_...`); A1111 maps
+# diffusers-named SDXL layers through its SD 1.x table, which loses `up_blocks_0_upsamplers_0_conv`, and
+# diffusers' converter does not map add_embedding's spelling: SDXL's kohya files use sgm names throughout.
 
 
 @dataclass
@@ -85,12 +86,26 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+# A rank this much smaller than the matrix is found by a randomized SVD (Halko et al. 2011: a range of
+# rank + OVERSAMPLE columns refined by POWER_ITERATIONS power iterations), not a full one.
+OVERSAMPLE, POWER_ITERATIONS = 8, 4
+
+
 def factorize(delta: torch.Tensor, rank: int | None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(down, up, kept energy) with up @ down the best rank-`rank` approximation of `delta` (None: full
-    rank): computed in float32 on `delta`'s device, returned in `dtype` (default: `delta`'s)."""
+    rank): computed in float32 on `delta`'s device, returned in `dtype` (default: `delta`'s). A small
+    rank of a large matrix (rank + 8 below a quarter of its smaller side) takes the randomized SVD,
+    seeded, whose top triplets match the full SVD's to float error on such spectra."""
     out_features = delta.shape[0]
+    matrix = delta.reshape(out_features, -1).float()
     with _one_thread(delta.device):
-        u, s, vh = torch.linalg.svd(delta.reshape(out_features, -1).float(), full_matrices=False)
+        if rank is not None and (rank + OVERSAMPLE) * 4 <= min(matrix.shape):
+            with torch.random.fork_rng(devices=[matrix.device] if matrix.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                u, s, v = torch.svd_lowrank(matrix, q=rank + OVERSAMPLE, niter=POWER_ITERATIONS)
+            vh = v.T
+        else:
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     r = len(s) if rank is None else min(rank, len(s))
     root = s[:r].sqrt()
     up, down = u[:, :r] * root, root[:, None] * vh[:r]  # (out, r), (r, in*k*k)
@@ -202,8 +217,23 @@ def flux_kohya_layers(layers: list[LoraLayer]) -> list[LoraLayer]:
     return fused
 
 
-def lora_state_dict(layers: list[LoraLayer], layout: str, sdxl: bool, flux: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file in the `diffusers` or `kohya` layout (`flux`: BFL's names, fused)."""
+def sgm_unet_names(folder: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """diffusers UNet module prefixes -> sgm / LDM ones for the UNet of `folder` (single_file's map)."""
+    from safetensors import safe_open
+
+    from erase.export.single_file import _config, unet_names
+
+    keys = []
+    for f in sorted((Path(folder) / "unet").glob("*.safetensors")):
+        with safe_open(str(f), "pt") as handle:
+            keys += list(handle.keys())
+    return unet_names(_config(folder, "unet"), keys)
+
+
+def lora_state_dict(layers: list[LoraLayer], layout: str, sdxl: bool, flux: bool = False,
+                    sgm_names: dict[str, tuple[str, dict[str, str]]] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file in the `diffusers` or `kohya` layout (`flux`: BFL's names, fused;
+    `sgm_names`: SDXL's UNet layers under their sgm names, `sgm_unet_names`)."""
     if layout == "kohya" and flux:
         layers = [layer for layer in layers if layer.component != "transformer"] + \
                  flux_kohya_layers([layer for layer in layers if layer.component == "transformer"])
@@ -218,8 +248,10 @@ def lora_state_dict(layers: list[LoraLayer], layout: str, sdxl: bool, flux: bool
     for layer in layers:
         module = text_model_key(layer.component, layer.module)
         prefix = "lora_te1_" if sdxl and layer.component == "text_encoder" else KOHYA_PREFIX.get(layer.component, "")
-        if layer.component == "unet":
-            module = KOHYA_UNET_NAMES.get(module, module)
+        if layer.component == "unet" and sgm_names is not None:
+            from erase.export.single_file import _rename
+
+            module = _rename(module + ".weight", sgm_names, "UNet").removesuffix(".weight")
         name = module if layer.component == "transformer" else prefix + module.replace(".", "_")
         factor = (layer.rank / r0) ** 0.5
         tensors[f"{name}.lora_down.weight"] = (layer.down * factor if layer.rank != r0 else layer.down).cpu()
@@ -277,7 +309,8 @@ def export_lora(erased: str, original: str, out: str, rank: int | None, layout: 
     flux = components.get("transformer", ("", ""))[1] == "FluxTransformer2DModel"
     sdxl = "text_encoder_2" in components and not flux
     info = lora_metadata(layers, energy, layout, rank)
-    size = write_safetensors(out, lora_state_dict(layers, layout, sdxl, flux), (metadata or {}) | info, record_size=True)
+    sgm = sgm_unet_names(erased) if sdxl and layout == "kohya" else None
+    size = write_safetensors(out, lora_state_dict(layers, layout, sdxl, flux, sgm), (metadata or {}) | info, record_size=True)
     return {"format": "lora", "layout": layout, "rank": info["rank"], "layer_ranks": sorted({layer.rank for layer in layers}),
             "layers": len(layers), "file_bytes": size, "energy_kept": energy.share(energy.kept),
             "energy_not_representable": energy.share(energy.not_representable),
