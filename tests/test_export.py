@@ -422,16 +422,16 @@ def test_the_command_refuses_in_one_line_in_a_fresh_process(erased_sd, tiny_fami
 
 
 def test_a_small_rank_of_a_large_change_takes_the_randomized_svd_and_matches_the_full_one():
-    """Rank 8 of a 320 x 2880 change (rank + 8 below a quarter of 320): the randomized SVD's factors give
-    the best rank-8 approximation's error and energy, as the full SVD's do."""
+    """Rank 8 of a 640 x 2880 change (SD's widths; rank + 8 below a quarter of 640): the randomized SVD's
+    factors give the best rank-8 approximation's error and energy, as the full SVD's do."""
     from erase.export.lora import factorize
 
     g = torch.Generator().manual_seed(0)
     # a change with a decaying spectrum, as an erasure's is (not white noise, whose top values are all alike)
-    delta = (torch.randn(320, 40, generator=g) * torch.logspace(0, -2, 40)) @ torch.randn(40, 2880, generator=g)
+    delta = (torch.randn(640, 40, generator=g) * torch.logspace(0, -2, 40)) @ torch.randn(40, 2880, generator=g)
     spectrum = torch.linalg.svdvals(delta.double())
     down, up, kept = factorize(delta, 8)
-    assert down.shape == (8, 2880) and up.shape == (320, 8)
+    assert down.shape == (8, 2880) and up.shape == (640, 8)
     assert kept == pytest.approx(float(spectrum[:8].square().sum()), rel=1e-5)
     error = float((delta.double() - up.double() @ down.double()).square().sum())  # in float64: the residual is small
     optimum = float(spectrum[8:].square().sum())

@@ -86,20 +86,21 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-# A rank this much smaller than the matrix is found by a randomized SVD (Halko et al. 2011: a range of
-# rank + OVERSAMPLE columns refined by POWER_ITERATIONS power iterations), not a full one.
-OVERSAMPLE, POWER_ITERATIONS = 8, 4
+# A small rank of a large matrix (both sides at least RANDOMIZED_FROM, rank + OVERSAMPLE at most a quarter
+# of them: SD's 640- and 1280-wide layers, where the full SVD's time goes) is found by a randomized SVD
+# (Halko et al. 2011: a range of rank + OVERSAMPLE columns refined by POWER_ITERATIONS power iterations).
+# Smaller layers take the exact SVD: cheap, and the embedded model's export figures stay as measured.
+OVERSAMPLE, POWER_ITERATIONS, RANDOMIZED_FROM = 8, 4, 640
 
 
 def factorize(delta: torch.Tensor, rank: int | None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(down, up, kept energy) with up @ down the best rank-`rank` approximation of `delta` (None: full
     rank): computed in float32 on `delta`'s device, returned in `dtype` (default: `delta`'s). A small
-    rank of a large matrix (rank + 8 below a quarter of its smaller side) takes the randomized SVD,
-    seeded, whose top triplets match the full SVD's to float error on such spectra."""
+    rank of a large matrix takes the randomized SVD (seeded; see RANDOMIZED_FROM)."""
     out_features = delta.shape[0]
     matrix = delta.reshape(out_features, -1).float()
     with _one_thread(delta.device):
-        if rank is not None and (rank + OVERSAMPLE) * 4 <= min(matrix.shape):
+        if rank is not None and min(matrix.shape) >= RANDOMIZED_FROM and (rank + OVERSAMPLE) * 4 <= min(matrix.shape):
             with torch.random.fork_rng(devices=[matrix.device] if matrix.device.type == "cuda" else []):
                 torch.manual_seed(0)
                 u, s, v = torch.svd_lowrank(matrix, q=rank + OVERSAMPLE, niter=POWER_ITERATIONS)
