@@ -93,9 +93,13 @@ class AdversarialTokens:
         self.last_loss: float | None = None
         self.pool: list[list[torch.Tensor]] = []  # the vectors after each pooled round, oldest first
 
-    def attack(self, latents: torch.Tensor, prompts: Sequence[str], scheduler, seed: int, step: int, autocast) -> list[float]:
+    def attack(self, latents: torch.Tensor, prompts: Sequence[str], scheduler, seed: int, step: int, autocast,
+               loss_scale: float = 1.0) -> list[float]:
         """`settings.steps` Adam steps on the vectors against the pipeline's CURRENT UNet, on `latents`
-        (N, 4, h, w) with their forget `prompts`; returns the loss of each step."""
+        (N, 4, h, w) with their forget `prompts`; returns the loss of each step. `loss_scale` (fp16: 2^16)
+        multiplies the loss before its backward pass and divides the gradients after, as GradScaler does
+        (fp16's small gradients underflow otherwise); a step whose gradients are not finite is skipped
+        and the scale halved. A power of two: in fp32 the steps are those of no scale, to the bit."""
         g = step_generator(seed, _ADV_STREAM, step, device=latents.device)
         losses = []
         with PlaceholderTokens(self.pipe, self.tokens) as place:
@@ -106,9 +110,13 @@ class AdversarialTokens:
                 place.set([v.to(m.dtype) for v, m in zip(self.vectors, matrices, strict=True)])
                 with autocast():
                     loss = denoising_loss(self.pipe, scheduler, latents[pick], t, [self.captions[prompts[i]] for i in pick], g)
-                grads = torch.autograd.grad(loss, self.vectors)  # the UNet's weights get no gradient
+                grads = torch.autograd.grad(loss * loss_scale, self.vectors)  # the UNet's weights get no gradient
+                if not all(bool(torch.isfinite(grad).all()) for grad in grads):
+                    loss_scale /= 2  # every process runs the same attack on the same data: all skip alike
+                    losses.append(float(loss.detach()))
+                    continue
                 for v, grad in zip(self.vectors, grads, strict=True):
-                    v.grad = grad
+                    v.grad = grad / loss_scale
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
@@ -277,7 +285,8 @@ def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator
     text encoders encode the adversarial captions themselves at every step, and need none), reusing
     the pooled rounds' encodings that `previous` holds."""
     prompts = [data.texts[r] for r in data.forget_prompt.tolist()]
-    adversary.attack(data.forget_latents, prompts, scheduler, cfg.seed, step, accelerator.autocast)
+    loss_scale = 2.0**16 if cfg.mixed_precision == "fp16" else 1.0  # GradScaler's initial scale
+    adversary.attack(data.forget_latents, prompts, scheduler, cfg.seed, step, accelerator.autocast, loss_scale)
     return adversarial_rows(adversary, data, cfg, previous) if rows else None
 
 

@@ -182,3 +182,25 @@ def test_an_overflow_on_one_process_skips_the_step_on_every_process(tmp_path: Pa
     for record in found["records"]:
         assert [r["moved"] for r in record] == [False, True] and all(r["finite"] for r in record)
         assert record[0]["scale"] == 2.0**7  # halved after the skipped step
+
+
+def test_the_inner_attack_scales_its_loss_as_fp16_needs(digits_pipe) -> None:
+    """A power-of-two loss scale (what --mixed-precision fp16 uses: 2^16) gives the unscaled steps to the bit
+    in fp32; a scale whose gradients overflow skips the steps, leaving the vectors where they were."""
+    from contextlib import nullcontext
+
+    from erase.objectives import training_scheduler
+    from erase.sd import encode_images, generate
+
+    concept = load_concept("seven")
+    latents = encode_images(digits_pipe, generate(digits_pipe, concept.forget, [0, 1, 2, 3], 4, 5.0))
+    scheduler = training_scheduler(digits_pipe.scheduler)
+    found = {}
+    for scale in (1.0, 2.0**16, 2.0**300):
+        adversary = AdversarialTokens(digits_pipe, AdversarialSettings(vectors=2, steps=3, lr=0.05), [concept])
+        start = [v.detach().clone() for v in adversary.vectors]
+        adversary.attack(latents, concept.forget, scheduler, seed=0, step=0, autocast=nullcontext, loss_scale=scale)
+        found[scale] = [v.detach() for v in adversary.vectors]
+    assert all(torch.equal(a, b) for a, b in zip(found[1.0], found[2.0**16], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(found[1.0], start, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(found[2.0**300], start, strict=True))  # inf: every step skipped
