@@ -76,10 +76,9 @@ FLOW_SAMPLERS = {"StableDiffusion3Pipeline": (28, 7.0), "FluxPipeline": (28, 3.5
 
 
 def _class_name(name_or_path: str) -> str | None:
-    """model_index.json's `_class_name` of a folder (None for a hub id or anything unreadable: no download)."""
-    path = resolve_model(name_or_path)
+    """model_index.json's `_class_name` of a folder or hub id (None where it cannot be read)."""
     try:
-        return json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
+        return DiffusionPipeline.load_config(resolve_model(name_or_path)).get("_class_name")
     except (OSError, ValueError):
         return None
 
