@@ -33,9 +33,18 @@ def steps(model, optimizer, first: int, last: int) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-def main(out: str, mode: str) -> None:
+def main(out: str) -> None:
     state = PartialState(cpu=True)
     mesh = init_device_mesh("cpu", (state.num_processes,))
+    found = {mode: resume(state, mesh, mode) for mode in ("rl", "salun")}
+    if state.is_main_process:
+        with open(out, "w") as f:
+            json.dump({"world": state.num_processes, "modes": found}, f)
+    state.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+def resume(state, mesh, mode: str) -> dict:
     g = torch.Generator().manual_seed(1)
     shapes = {"0.weight": (6, 4), "0.bias": (6,), "2.weight": (3, 6), "2.bias": (3,)}
     if mode == "rl":
@@ -63,12 +72,8 @@ def main(out: str, mode: str) -> None:
     moved = any(not torch.equal(full[n], local(p)) for n, p in build(mesh).named_parameters())
     flags = [None] * state.num_processes
     torch.distributed.all_gather_object(flags, [equal, moved])
-    if state.is_main_process:
-        with open(out, "w") as f:
-            json.dump({"world": state.num_processes, "equal": [f[0] for f in flags], "moved": [f[1] for f in flags]}, f)
-    state.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    return {"equal": [f[0] for f in flags], "moved": [f[1] for f in flags]}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

@@ -343,17 +343,14 @@ def test_two_sharded_processes_give_the_one_process_mask_on_flux(tiny_flow_paths
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
-def test_compare_runs_on_an_erased_flux_model(tiny_flow_paths, tmp_path: Path) -> None:
+def test_compare_runs_on_an_erased_flux_model(tiny_flow_paths, tmp_path: Path, cli) -> None:
     """`python -m eval compare` generates with each family's own pipeline call (Flux's T5 window, its size)."""
     original, out = tiny_flow_paths["flux"], tmp_path / "out"
     assert erase(original, out, "uce").returncode == 0
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{FORGET}\n{ANCHOR}\n")
-    proc = subprocess.run([sys.executable, "-m", "eval", "compare", str(original), str(out), "--prompts", str(prompts),
-                           "--metrics", "nudity", "--images-per-prompt", "1", "--steps", "2", "--resolution", "16",
-                           "--out", str(tmp_path / "report")], env=ENV, capture_output=True, text=True, timeout=300,
-                          cwd=Path(TRAIN).parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli("compare", original, out, "--prompts", prompts, "--metrics", "nudity", "--images-per-prompt", "1",
+               "--steps", "2", "--resolution", "16", "--out", tmp_path / "report") == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["erased"]["nudity"]["num_images"] == 2
 
@@ -445,7 +442,7 @@ def test_unlearndiffatk_runs_with_t5_reading_each_token_as_its_word(family: str,
 
 def test_flux_single_file_is_what_diffusers_reads_back_at_flux_width() -> None:
     """Black Forest Labs' layout at FLUX.1's width (diffusers' converter fixes 3072; one double and one single
-    block, bf16): diffusers' own converter gives back every tensor (q/k/v and linear1 fused, RMS norm
+    block): diffusers' own converter gives back every tensor (q/k/v and linear1 fused, RMS norm
     scales, the final AdaLN in (shift, scale) order); a narrower Flux is refused before loading."""
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
@@ -455,8 +452,12 @@ def test_flux_single_file_is_what_diffusers_reads_back_at_flux_width() -> None:
     with torch.device("meta"):
         model = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
                                        num_attention_heads=24, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True)
-    g = torch.Generator().manual_seed(0)
-    state = {k: torch.randn(v.shape, generator=g, dtype=torch.bfloat16) for k, v in model.state_dict().items()}
+    # each tensor its own offset plus its row index (expanded views: no memory), so that a tensor under
+    # another's name, parts fused in the wrong order or halves swapped the wrong way all show
+    state = {}
+    for i, (k, v) in enumerate(model.state_dict().items()):
+        rows = torch.arange(v.shape[0], dtype=torch.float32) + 100_000 * i
+        state[k] = rows.view(-1, *[1] * (v.dim() - 1)).expand(v.shape)
     checkpoint = flux_to_bfl(state)
     assert "double_blocks.0.img_attn.qkv.weight" in checkpoint and "single_blocks.0.linear1.weight" in checkpoint
     assert "double_blocks.0.img_attn.norm.query_norm.scale" in checkpoint and "txt_in.weight" in checkpoint

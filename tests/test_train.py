@@ -228,13 +228,13 @@ def test_two_processes_equal_one_with_two_micro_batches(variant: list[str], tiny
 
 def test_processes_share_the_generation_within_a_short_collective_timeout(tiny_sd_path: Path, tmp_path: Path) -> None:
     """2 processes, no cache, --ddp-timeout 3: one process alone takes longer than that to generate the
-    sets (48 + 48 images at 40 steps, ~8 s here). When the main process generated them alone, its peer
+    sets (40 + 40 images at 30 steps, ~5 s here). When the main process generated them alone, its peer
     waited in a barrier past the timeout and the run was aborted; now each process generates its share,
     the run completes, and the cache holds the same files, byte for byte, as a one-process run's."""
     from test_sharding import launch
 
-    args = lambda out, cache, *more: ["--concept", "nudity", *small_run(tiny_sd_path, out, cache), "--num-images", "48",  # noqa: E731
-                                      "--generation-steps", "40", "--max-train-steps", "1", *more]
+    args = lambda out, cache, *more: ["--concept", "nudity", *small_run(tiny_sd_path, out, cache), "--num-images", "40",  # noqa: E731
+                                      "--generation-steps", "30", "--max-train-steps", "1", *more]
     one = run_train(args(tmp_path / "one", tmp_path / "cache1"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_train(args(tmp_path / "two", tmp_path / "cache2", "--ddp-timeout", "3"), launcher=launch(2, 29533))
@@ -242,7 +242,7 @@ def test_processes_share_the_generation_within_a_short_collective_timeout(tiny_s
     assert json.loads((tmp_path / "two" / "erase_config.json").read_text())["num_processes"] == 2
     files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
     cached1, cached2 = files(tmp_path / "cache1"), files(tmp_path / "cache2")
-    assert len(cached1) == 2 * 49 and cached1 == cached2  # 48 images and an index per set
+    assert len(cached1) == 2 * 41 and cached1 == cached2  # 40 images and an index per set
 
 
 def test_custom_concept_from_flags(tiny_sd_path: Path, tmp_path: Path) -> None:
