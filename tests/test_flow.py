@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_export import CHECK, export
-from test_train import ENV, TRAIN, run_train, weights
+from test_train import ENV, run_train, weights
 
 from erase.saliency import load_mask
 
