@@ -16,7 +16,7 @@ For 1, 2, 4 and 8 processes (FSDP2, erase/sharding.py), dense and masked-state A
   and recomputes one unit at a time. A SalUn step takes a forget and a retain image per
   `--train-batch-size`, so a step holds 2 x batch x that.
 The frozen text encoder(s) and VAE (bf16) are on the GPU while the image sets are generated and
-encoded, then leave it (erase/erasure.py's release_frozen): shown apart, not in the total.
+encoded, then leave it (erase/families.py's release_frozen): shown apart, not in the total.
 Not counted: the CUDA context and the allocator's fragmentation (a few hundred MB to a GB or two),
 the cached latents (50 MB for 800 SD images).
 Measured peaks (`torch.cuda.max_memory_allocated` of the training phase) come from bench/sd_gpu.py

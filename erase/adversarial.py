@@ -181,7 +181,7 @@ class TrainedTextEncoders:
     _FILE = "text_encoders.safetensors"
 
     def __init__(self, pipe, device: torch.device, originals: dict[str, dict[str, torch.Tensor]]) -> None:
-        """`originals`: erase.erasure.hold_frozen's; the encoders' own entries are taken out of it (they
+        """`originals`: erase.families.hold_frozen's; the encoders' own entries are taken out of it (they
         start from their original weights, in fp32, and are published as trained)."""
         self.pipe = pipe
         self.names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]

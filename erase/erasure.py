@@ -5,6 +5,7 @@ these together with Accelerate, checkpoints and the published pipeline."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,10 +29,10 @@ from erase.families import denoiser
 from erase.objectives import ESD_TARGETS, esd_loss, noised, saliency_loss, salun_loss, step_generator
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, read_mask_shapes, select_parameters
 from erase.sharding import check_shardable, local, local_mask, moving_tensors, shard_file
-from erase.sd import encode_images, encode_prompts, frozen_parts, image_set
+from erase.sd import encode_images, encode_prompts, image_set
 
-__all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "frozen_copy", "hold_frozen", "masked_optimizer",
-           "prepare_data", "release_frozen", "saliency_mask", "train_steps", "trainable_mask"]
+__all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "masked_optimizer",
+           "prepare_data", "saliency_mask", "train_steps", "trainable_mask"]
 
 
 METHODS = ("salun", "rl", "esd-x", "esd-u", "uce")
@@ -262,7 +263,7 @@ def saliency_mask(unet, scheduler, data: ErasureData, cfg, accelerator: Accelera
     idx = list(range(n)[accelerator.process_index * n // w : (accelerator.process_index + 1) * n // w])
     batches = [idx[i : i + bs] for i in range(0, len(idx), bs)]
     if sharded:  # the largest shard holds ceil(n / w) images
-        batches += [[]] * (-(-(-(-n // w)) // bs) - len(batches))
+        batches += [[]] * (math.ceil(math.ceil(n / w) / bs) - len(batches))
 
     device = data.forget_latents.device
 
@@ -308,34 +309,6 @@ def trainable_mask(unet, cfg, scheduler, data, accelerator, staging: str, given=
         return {n: m.cpu() for n, m in mask.items()}  # 1 byte a weight: off the GPU
     chosen = {n for n, _ in select_parameters(unet, ESD_TARGETS.get(cfg.method, ".*"))}
     return {n: torch.full(local(p).shape, n in chosen, dtype=torch.bool) for n, p in unet.named_parameters()}
-
-
-def hold_frozen(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
-    """Put the frozen VAE and text encoder(s) on `device` in `dtype` for generation and encoding
-    (a VAE whose config asks to be upcast, as SDXL's does, stays fp32 under fp16); return their
-    original weights (which stay where they were) for `release_frozen`."""
-    originals = {}
-    for name in frozen_parts(pipe):
-        module = getattr(pipe, name).requires_grad_(False)
-        originals[name] = dict(module.state_dict())  # the tensors themselves, not copies
-        upcast = name == "vae" and dtype == torch.float16 and getattr(module.config, "force_upcast", False)
-        module.to(device, torch.float32 if upcast else dtype)
-    return originals
-
-
-def release_frozen(pipe, originals: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Swap the original weights back in (bit-identical in the saved pipeline) and free the device copies."""
-    for name, state in originals.items():
-        getattr(pipe, name).load_state_dict(state, assign=True)
-
-
-def frozen_copy(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """ESD's teacher: a frozen copy of the UNet made directly in `dtype` (no transient fp32 copy)."""
-    with torch.device("meta"):
-        teacher = type(unet).from_config(unet.config).to(dtype)
-    teacher.to_empty(device=unet.device)
-    teacher.load_state_dict(unet.state_dict())  # copy_ casts to dtype
-    return teacher.requires_grad_(False).eval()
 
 
 def masked_optimizer(unet: torch.nn.Module, mask: dict[str, torch.Tensor], learning_rate: float, state: str = "dense",

@@ -1,5 +1,5 @@
-"""What differs per model family, in one place: which module denoises, how it is called, and how
-flow-matching models are noised.
+"""What differs per model family, in one place: which module denoises and which stay frozen, how the
+denoiser is called, and how flow-matching models are noised.
 
 | family | pipeline | denoiser | conditioning | x_t and target |
 |---|---|---|---|---|
@@ -26,8 +26,8 @@ from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
 from erase.conditioning import Conditioning, unet_kwargs
 
-__all__ = ["FLUX_GUIDANCE", "FlowMatching", "denoiser", "denoiser_name", "family", "is_flow", "latent_image_ids", "pack_latents",
-           "predict", "unpack_latents"]
+__all__ = ["FLUX_GUIDANCE", "FlowMatching", "denoiser", "denoiser_name", "family", "frozen_copy", "frozen_parts", "hold_frozen",
+           "is_flow", "latent_image_ids", "pack_latents", "predict", "release_frozen", "unpack_latents"]
 
 # FluxPipeline's default guidance: what a guidance-distilled Flux (dev) is conditioned on in training and in the attacks.
 FLUX_GUIDANCE = 3.5
@@ -50,6 +50,39 @@ def denoiser_name(pipe) -> str:
 
 def denoiser(pipe) -> torch.nn.Module:
     return getattr(pipe, denoiser_name(pipe))
+
+
+def frozen_parts(pipe) -> list[str]:
+    """The components an erasure never trains: the VAE and every text encoder."""
+    return [name for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, name, None) is not None]
+
+
+def hold_frozen(pipe, device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """Put the frozen VAE and text encoder(s) on `device` in `dtype` for generation and encoding
+    (a VAE whose config asks to be upcast, as SDXL's does, stays fp32 under fp16); return their
+    original weights (which stay where they were) for `release_frozen`."""
+    originals = {}
+    for name in frozen_parts(pipe):
+        module = getattr(pipe, name).requires_grad_(False)
+        originals[name] = dict(module.state_dict())  # the tensors themselves, not copies
+        upcast = name == "vae" and dtype == torch.float16 and getattr(module.config, "force_upcast", False)
+        module.to(device, torch.float32 if upcast else dtype)
+    return originals
+
+
+def release_frozen(pipe, originals: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Swap the original weights back in (bit-identical in the saved pipeline) and free the device copies."""
+    for name, state in originals.items():
+        getattr(pipe, name).load_state_dict(state, assign=True)
+
+
+def frozen_copy(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """ESD's teacher: a frozen copy of the UNet (or transformer) made directly in `dtype` (no transient fp32 copy)."""
+    with torch.device("meta"):
+        teacher = type(unet).from_config(unet.config).to(dtype)
+    teacher.to_empty(device=unet.device)
+    teacher.load_state_dict(unet.state_dict())  # copy_ casts to dtype
+    return teacher.requires_grad_(False).eval()
 
 
 # ----------------------------------------------------------------------------- the model call

@@ -36,7 +36,7 @@ from erase.command import check_model
 from erase.conditioning import Conditioning
 from erase.defaults import DIGITS_MODEL_NAME, SD_GUIDANCE, SD_KIND, SD_STEPS
 from erase.digits.locate import resolve_model  # `digits` -> its folder; anything else unchanged
-from erase.families import denoiser_name, family
+from erase.families import denoiser_name, family, frozen_parts
 
 logger = logging.getLogger(__name__)
 _DIFFUSERS_VERSION = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
@@ -55,7 +55,7 @@ SD_V1_UNET_CONFIG = dict(
     attention_head_dim=8,
 )
 
-__all__ = ["FAMILIES", "encode_images", "encode_prompts", "frozen_parts", "generate", "check_prompts_fit", "image_set", "is_sdxl", "load_pipeline", "max_sequence_length",
+__all__ = ["FAMILIES", "encode_images", "encode_prompts", "generate", "check_prompts_fit", "image_set", "is_sdxl", "load_pipeline", "max_sequence_length",
            "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
 
 
@@ -75,12 +75,30 @@ def sampler_defaults(name_or_path: str) -> tuple[int, float]:
 FLOW_SAMPLERS = {"StableDiffusion3Pipeline": (28, 7.0), "FluxPipeline": (28, 3.5)}
 
 
-def _class_name(name_or_path: str) -> str | None:
-    """model_index.json's `_class_name` of a folder or hub id (None where it cannot be read)."""
+def _index(name_or_path: str) -> dict:
+    """model_index.json of a folder or hub id (empty where it cannot be read)."""
     try:
-        return DiffusionPipeline.load_config(resolve_model(name_or_path)).get("_class_name")
+        return dict(DiffusionPipeline.load_config(resolve_model(name_or_path)))
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def _class_name(name_or_path: str) -> str | None:
+    return _index(name_or_path).get("_class_name")
+
+
+def _absent(index: dict, component: str) -> bool:
+    """A component the pipeline was saved without (model_index.json names it as null)."""
+    return index.get(component) in (None, [None, None])
+
+
+# The T5 window each flow pipeline encodes prompts into by default (its __call__'s max_sequence_length).
+T5_WINDOWS = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+
+
+def t5_window(class_name: str, tokenizer) -> int:
+    """The pipeline's default window, or the T5 tokenizer's own where that is shorter."""
+    return min(T5_WINDOWS[class_name], tokenizer.model_max_length) if tokenizer is not None else T5_WINDOWS[class_name]
 
 
 def model_kind(name_or_path: str) -> str:
@@ -119,21 +137,21 @@ REQUIRED_COMPONENTS = {"StableDiffusion3Pipeline": ("transformer", "vae", "text_
 def check_prompts_fit(name_or_path: str, prompts: Sequence[str]) -> None:
     """A flow model's folder has the encoders its family needs, and every prompt fits its T5 window
     (diffusers would cut a longer one silently); from model_index.json and the T5 tokenizer alone."""
-    name = _class_name(name_or_path)
+    index = _index(name_or_path)
+    name = index.get("_class_name")
     if name not in REQUIRED_COMPONENTS:
         return
     path = Path(resolve_model(name_or_path))
-    index = json.loads((path / "model_index.json").read_text())
-    missing = [c for c in REQUIRED_COMPONENTS[name] if index.get(c) in (None, [None, None]) or not (path / c).is_dir()]
+    missing = [c for c in REQUIRED_COMPONENTS[name] if _absent(index, c) or not (path / c).is_dir()]
     if missing:
         raise ValueError(f"{name_or_path} is a {name} without {', '.join(missing)}: every method encodes prompts with them")
     t5 = "tokenizer_2" if name == "FluxPipeline" else "tokenizer_3"
-    if index.get(t5) in (None, [None, None]):
+    if _absent(index, t5):
         return
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path / t5)
-    window = min(512 if name == "FluxPipeline" else 256, tokenizer.model_max_length)
+    window = t5_window(name, tokenizer)
     for prompt in prompts:
         n = len(tokenizer(prompt).input_ids)
         if n > window:
@@ -154,7 +172,7 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: 
     kwargs = {"dtype": dtype} if _DIFFUSERS_VERSION >= (0, 42) else {"torch_dtype": dtype}
     if cls is StableDiffusionPipeline:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
-    if cls is StableDiffusion3Pipeline and _without_t5(path):  # T5 is optional in SD3; diffusers needs telling
+    if cls is StableDiffusion3Pipeline and _absent(_index(path), "text_encoder_3"):  # T5 is optional in SD3; diffusers needs telling
         kwargs |= {"text_encoder_3": None, "tokenizer_3": None}
     try:
         pipe = cls.from_pretrained(path, **kwargs)
@@ -164,22 +182,13 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: 
     return pipe.to(device)
 
 
-def _without_t5(path: str) -> bool:
-    """An SD3 folder saved without its T5 encoder (model_index.json names none)."""
-    try:
-        index = json.loads((Path(path) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False  # a hub id: its own index decides
-    return index.get("text_encoder_3") in (None, [None, None])
-
-
 def max_sequence_length(pipe) -> int | None:
     """The T5 window a flow pipeline encodes prompts into: the pipeline's default (SD3 256, Flux 512),
     or the T5 tokenizer's own window where that is shorter. None for the UNet families."""
     if family(pipe) == "flux":
-        return min(512, pipe.tokenizer_2.model_max_length)
+        return t5_window(type(pipe).__name__, pipe.tokenizer_2)
     if family(pipe) == "sd3":
-        return min(256, pipe.tokenizer_3.model_max_length) if pipe.tokenizer_3 is not None else 256
+        return t5_window(type(pipe).__name__, pipe.tokenizer_3)
     return None
 
 @torch.no_grad()
@@ -318,11 +327,6 @@ def encode_images(pipe, images: Sequence[Image.Image], batch_size: int | None = 
         pixels = pipe.image_processor.preprocess(list(images[i : i + batch_size])).to(vae.device, vae.dtype)
         out.append((vae.encode(pixels).latent_dist.mean - shift) * vae.config.scaling_factor)
     return torch.cat(out)
-
-
-def frozen_parts(pipe) -> list[str]:
-    """The components an erasure never trains: the VAE and every text encoder."""
-    return [name for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, name, None) is not None]
 
 
 def model_key(pipe) -> str:

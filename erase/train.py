@@ -55,11 +55,8 @@ from erase.adversarial import AdversarialTokens, TrainedTextEncoders  # noqa: E4
 from erase.erasure import (  # noqa: E402
     WEIGHT_DTYPES,
     TrainConfig,
-    frozen_copy,
-    hold_frozen,
     masked_optimizer,
     prepare_data,
-    release_frozen,
     train_steps,
     trainable_mask,
 )
@@ -71,7 +68,7 @@ from erase.saliency import (  # noqa: E402
     save_mask,
 )
 from erase import sharding  # noqa: E402
-from erase.families import denoiser, denoiser_name  # noqa: E402
+from erase.families import denoiser, denoiser_name, frozen_copy, hold_frozen, release_frozen  # noqa: E402
 from erase.sd import check_prompts_fit, load_pipeline, pipeline_class  # noqa: E402
 
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")

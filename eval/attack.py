@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from erase.families import denoiser_name
+from erase.families import denoiser_name, frozen_parts
 from erase.inversion import InversionSettings, denoising_loss, inversion_captions, train_inversion
 from erase.objectives import step_generator, training_scheduler
 from erase.tokens import PlaceholderTokens, allowed_token_ids, project_simplex, straight_through_one_hot, sweep_timesteps, word_rows
@@ -232,7 +232,7 @@ def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Jud
                height: int | None = None, batch_size: int = 16, state=None, grid_prompts: int = 8) -> dict:
     """Attack `erased` on every sample (one image each); target images come from `original`.
     Sharded over `state`'s processes by prompt; every process returns the whole report."""
-    from erase.sd import encode_images, frozen_parts, generate, load_pipeline
+    from erase.sd import encode_images, generate, load_pipeline
     from eval.generate import generate_samples
 
     judge = judge.deciding(opts.deciding_threshold)

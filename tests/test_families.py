@@ -157,18 +157,23 @@ def test_compare_and_app_handler(family: str, tiny_family_paths, tmp_path: Path)
     assert len(original) == 2 and len(erased) == 2 and "seeds 0-1" in caption
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["salun", "esd-x"])
-def test_worst_case_prompt_search_on_sdxl(method: str, tiny_family_paths, tmp_path: Path) -> None:
+def check_worst_case_prompt_search(model: Path, method: str, tmp_path: Path) -> None:
+    """The worst-case prompt search picks 2 of 4 candidate pairs in 2 outer steps on `model`."""
     from erase.worst_case import WorstCaseConfig, run
 
     candidates = tmp_path / "candidates.json"
     candidates.write_text(json.dumps([[FORGET, ANCHOR], ["a red car", "a blue car"], ["a dog", "a cat"], ["a tree", "a house"]]))
-    cfg = WorstCaseConfig(target="prompt", model=str(tiny_family_paths["sdxl"]), prompts=str(candidates), size="2",
+    cfg = WorstCaseConfig(target="prompt", model=str(model), prompts=str(candidates), size="2",
                           method=method, outer_steps=2, inner_steps=2, images_per_prompt=1, generation_steps=2,
                           cache_dir=str(tmp_path / "cache"))
     report = run(cfg, show_progress=False)
     assert len(report["prompts"]) == 2 and len(report["history"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["salun", "esd-x"])
+def test_worst_case_prompt_search_on_sdxl(method: str, tiny_family_paths, tmp_path: Path) -> None:
+    check_worst_case_prompt_search(tiny_family_paths["sdxl"], method, tmp_path)
 
 
 def test_sdxl_fp16_generation_decodes_in_the_vaes_fp32(tiny_family_paths) -> None:

@@ -356,32 +356,26 @@ def test_compare_runs_on_an_erased_flux_model(tiny_flow_paths, tmp_path: Path, c
 
 
 
-@pytest.mark.slow
-def test_the_apps_handler_on_sd3_and_flux(tiny_flow_paths, tmp_path: Path) -> None:
-    """The demo's before / after handler (the same `generate` as eval compare, at each pipeline's default size)."""
+@pytest.mark.parametrize("family", ["sd3", pytest.param("flux", marks=pytest.mark.slow)])
+def test_the_apps_handler_on_each_flow_family(family: str, tiny_flow_paths, tmp_path: Path) -> None:
+    """The demo's before / after handler (the same `generate` as eval compare, at each pipeline's default
+    size: 16 px for the tiny SD3, Flux's 256 px: slow)."""
     import app
 
-    for family in ("sd3", "flux"):
-        original, out = tiny_flow_paths[family], tmp_path / family
-        assert erase(original, out, "uce").returncode == 0
-        demo = app.build_app(str(original), str(out), labeller=None, steps=2, guidance=3.5)
-        handler = next(fn.fn for fn in demo.fns.values() if fn.name == "run")
-        before, after, caption = handler(FORGET, 0, 2, 3.5, 2, False)
-        assert len(before) == 2 and len(after) == 2 and "seeds 0-1" in caption
+    original, out = tiny_flow_paths[family], tmp_path / family
+    assert erase(original, out, "uce").returncode == 0
+    demo = app.build_app(str(original), str(out), labeller=None, steps=2, guidance=3.5)
+    handler = next(fn.fn for fn in demo.fns.values() if fn.name == "run")
+    before, after, caption = handler(FORGET, 0, 2, 3.5, 2, False)
+    assert len(before) == 2 and len(after) == 2 and "seeds 0-1" in caption
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["salun", "esd-x"])
-def test_worst_case_prompt_search_on_flux(method: str, tiny_flow_paths, tmp_path: Path) -> None:
-    from erase.worst_case import WorstCaseConfig, run
+@pytest.mark.parametrize("family, method", [("sd3", "salun"), pytest.param("flux", "salun", marks=pytest.mark.slow),
+                                            pytest.param("flux", "esd-x", marks=pytest.mark.slow)])
+def test_worst_case_prompt_search_on_flow_families(family: str, method: str, tiny_flow_paths, tmp_path: Path) -> None:
+    from test_families import check_worst_case_prompt_search
 
-    candidates = tmp_path / "candidates.json"
-    candidates.write_text(json.dumps([[FORGET, ANCHOR], ["a red car", "a blue car"], ["a dog", "a cat"], ["a tree", "a house"]]))
-    cfg = WorstCaseConfig(target="prompt", model=str(tiny_flow_paths["flux"]), prompts=str(candidates), size="2",
-                          method=method, outer_steps=2, inner_steps=2, images_per_prompt=1, generation_steps=2,
-                          cache_dir=str(tmp_path / "cache"))
-    report = run(cfg, show_progress=False)
-    assert len(report["prompts"]) == 2 and len(report["history"]) == 2
+    check_worst_case_prompt_search(tiny_flow_paths[family], method, tmp_path)
 
 
 def test_flux_kohya_layout_is_what_diffusers_reads_as_the_same_lora(tmp_path: Path) -> None:

@@ -23,15 +23,16 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from pathlib import Path
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from erase.command import BadInput
+from erase.export.single_file import _config, rename_to_checkpoint, unet_names
 from erase.export.weights import TEXT_ENCODERS, component_changes, module_components, text_model_key, write_safetensors
 
 LAYOUTS = ("diffusers", "kohya")
@@ -222,9 +223,7 @@ def sgm_unet_names(folder: str) -> dict[str, tuple[str, dict[str, str]]]:
     """diffusers UNet module prefixes -> sgm / LDM ones for the UNet of `folder` (single_file's map)."""
     from safetensors import safe_open
 
-    from erase.export.single_file import _config, unet_names
-
-    keys = []
+    keys: list[str] = []
     for f in sorted((Path(folder) / "unet").glob("*.safetensors")):
         with safe_open(str(f), "pt") as handle:
             keys += list(handle.keys())
@@ -250,9 +249,7 @@ def lora_state_dict(layers: list[LoraLayer], layout: str, sdxl: bool, flux: bool
         module = text_model_key(layer.component, layer.module)
         prefix = "lora_te1_" if sdxl and layer.component == "text_encoder" else KOHYA_PREFIX.get(layer.component, "")
         if layer.component == "unet" and sgm_names is not None:
-            from erase.export.single_file import _rename
-
-            module = _rename(module + ".weight", sgm_names, "UNet").removesuffix(".weight")
+            module = rename_to_checkpoint(module + ".weight", sgm_names, "UNet").removesuffix(".weight")
         name = module if layer.component == "transformer" else prefix + module.replace(".", "_")
         factor = (layer.rank / r0) ** 0.5
         tensors[f"{name}.lora_down.weight"] = (layer.down * factor if layer.rank != r0 else layer.down).cpu()

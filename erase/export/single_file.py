@@ -77,7 +77,7 @@ def check_single_file(folder: str) -> None:
         raise ValueError(f"single-file export cannot write {folder}: {'; '.join(problems)} have no LDM layout")
 
 
-def _rename(key: str, names: dict[str, tuple[str, dict[str, str]]], what: str) -> str:
+def rename_to_checkpoint(key: str, names: dict[str, tuple[str, dict[str, str]]], what: str) -> str:
     """`key` under the longest module prefix of `names` (diffusers prefix -> (LDM prefix, renames of
     the first part of the rest))."""
     parts = key.split(".")
@@ -144,7 +144,7 @@ def vae_names(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
 def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     names, out = vae_names(config), {}
     for key, value in state.items():
-        new = _rename(key, names, "VAE")
+        new = rename_to_checkpoint(key, names, "VAE")
         if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", new) and value.ndim == 2:
             value = value[:, :, None, None]  # LDM's attention projections are 1x1 convs
         out[new] = value
@@ -183,7 +183,7 @@ def openclip_to_ldm(state: dict[str, torch.Tensor], component: str) -> dict[str,
 def ldm_checkpoint(states: dict[str, dict[str, torch.Tensor]], folder: str) -> dict[str, torch.Tensor]:
     """The whole pipeline's tensors (`states`: component -> state dict) under their checkpoint names."""
     unet_config, vae_config = _config(folder, "unet"), _config(folder, "vae")
-    checkpoint = {f"model.diffusion_model.{_rename(k, unet_names(unet_config, states['unet']), 'UNet')}": v
+    checkpoint = {f"model.diffusion_model.{rename_to_checkpoint(k, unet_names(unet_config, states['unet']), 'UNet')}": v
                   for k, v in states["unet"].items()}
     checkpoint |= {f"first_stage_model.{k}": v for k, v in vae_to_ldm(states["vae"], vae_config).items()}
     for component, (prefix, kind) in text_encoder_prefixes(folder).items():

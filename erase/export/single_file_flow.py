@@ -17,9 +17,15 @@ diffusers reads Flux files of FLUX.1's width only (its converter fixes 3072 and 
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
+from diffusers.loaders import single_file_utils as sfu
+
+from erase.export.single_file import vae_to_ldm
+from erase.export.weights import load_component, module_components, text_model_key, write_safetensors
 
 __all__ = ["FLUX_WIDTH", "export_single_file_flow", "check_flux_width", "flux_to_bfl", "sd3_checkpoint", "sd3_to_mmdit"]
 
@@ -32,7 +38,7 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a])
 
 
-def _rename(state: dict[str, torch.Tensor], table: list[tuple[str, str]], fused: list[tuple[str, list[str]]],
+def _original_names(state: dict[str, torch.Tensor], table: list[tuple[str, str]], fused: list[tuple[str, list[str]]],
             swapped: set[str], what: str) -> dict[str, torch.Tensor]:
     """Every tensor of `state` under its original name: `table` maps module patterns (regex, with groups)
     one to one, `fused` concatenates several modules' weights and biases into one (in order)."""
@@ -90,7 +96,7 @@ def flux_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         (s + r"norm\.linear", r"single_blocks.\1.modulation.lin"), (s + r"proj_out", r"single_blocks.\1.linear2"),
         (s + r"attn\.norm_q", r"single_blocks.\1.norm.query_norm"), (s + r"attn\.norm_k", r"single_blocks.\1.norm.key_norm"),
     ]
-    out = _rename(state, table, fused, {"norm_out.linear"}, "Flux transformer")
+    out = _original_names(state, table, fused, {"norm_out.linear"}, "Flux transformer")
     # RMS norms hold `scale` in BFL's names, `weight` in diffusers'
     return {re.sub(r"_norm\.weight$", "_norm.scale", k): v for k, v in out.items()}
 
@@ -130,7 +136,7 @@ def sd3_to_mmdit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     swapped = {"norm_out.linear", f"transformer_blocks.{last}.norm1_context.linear"}
     state = dict(state)
     positions = state.pop("pos_embed.pos_embed")  # a buffer of the patch embedding, top level in MMDiT
-    return {"pos_embed": positions} | _rename(state, table, fused, swapped, "SD3 transformer")
+    return {"pos_embed": positions} | _original_names(state, table, fused, swapped, "SD3 transformer")
 
 
 SD3_TEXT_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer.",
@@ -139,10 +145,7 @@ SD3_TEXT_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.", "text_
 
 def sd3_checkpoint(states: dict[str, dict[str, torch.Tensor]], vae_config: dict) -> dict[str, torch.Tensor]:
     """The whole SD3 pipeline's tensors (`states`: component -> state dict) under the original names."""
-    from erase.export.single_file import vae_to_ldm
-
     checkpoint = {f"model.diffusion_model.{k}": v for k, v in sd3_to_mmdit(states["transformer"]).items()}
-    from erase.export.weights import text_model_key
 
     checkpoint |= {f"first_stage_model.{k}": v for k, v in vae_to_ldm(states["vae"], vae_config).items()}
     for component, prefix in SD3_TEXT_PREFIXES.items():
@@ -163,9 +166,6 @@ def _check_same(back: dict[str, torch.Tensor], state: dict[str, torch.Tensor], w
 
 def check_flux_width(folder: str) -> None:
     """A Flux folder whose transformer diffusers can read back from a single file (from its config alone)."""
-    import json
-    from pathlib import Path
-
     config = json.loads((Path(folder) / "transformer" / "config.json").read_text())
     if (width := config["num_attention_heads"] * config["attention_head_dim"]) != FLUX_WIDTH:
         raise ValueError(f"diffusers reads Flux single files of FLUX.1's width ({FLUX_WIDTH}) only; this transformer is "
@@ -175,13 +175,6 @@ def check_flux_width(folder: str) -> None:
 def export_single_file_flow(erased: str, out: str, flux: bool, metadata: dict[str, str] | None = None) -> dict:
     """Write an SD3 pipeline (or a Flux transformer) as one original-layout checkpoint, checked through
     diffusers' own converters first."""
-    import json
-    from pathlib import Path
-
-    from diffusers.loaders import single_file_utils as sfu
-
-    from erase.export.weights import load_component, module_components, write_safetensors
-
     components = module_components(erased)
     if flux:
         state = load_component(erased, "transformer", components["transformer"]).state_dict()

@@ -232,7 +232,8 @@ def build_prompt_problem(cfg: WorstCaseConfig, pipe, prompts: Sequence[str], anc
                          device: str | torch.device | None = None) -> PromptProblem:
     """The prompt-wise problem on `pipe`'s UNet, on `device` (default: the pipeline's)."""
     from erase.objectives import training_scheduler
-    from erase.sd import frozen_parts, sampler_defaults
+    from erase.families import frozen_parts
+    from erase.sd import sampler_defaults
 
     steps, guidance = sampler_defaults(cfg.model)
     data = prepare_prompt_data(pipe, prompts, anchors, cfg.images_per_prompt, cfg.generation_steps or steps,
