@@ -28,7 +28,7 @@ from erase.conditioning import Conditioning
 from erase.families import denoiser
 from erase.objectives import ESD_TARGETS, esd_loss, noised, saliency_loss, salun_loss, step_generator
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, read_mask_shapes, select_parameters
-from erase.sharding import check_shardable, local, local_mask, moving_tensors, shard_file
+from erase.sharding import check_shardable, is_sharded, local, local_mask, moving_tensors, shard_file
 from erase.sd import encode_images, encode_prompts, image_set
 
 __all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "masked_optimizer",
@@ -347,6 +347,9 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
     running: dict[str, torch.Tensor] = {}  # loss sums on the device since the last log
     fixed_rows = adversary is not None and text_encoders is None  # encoded once per round, not afresh each step
     adv_rows = adversarial_rows(adversary, data, cfg) if fixed_rows else None  # a resumed run's vectors
+    # A sharded UNet reduce-scatters every micro-batch's gradients, as under --fsdp: Accelerate's FSDP
+    # plugin would otherwise hold back the sync (no_sync) and keep whole fp32 gradients on every process.
+    synced = () if is_sharded(next(unet.parameters())) else (unet,)
     unet.train()
     for step in range(first_step, cfg.max_train_steps):
         if adversary is not None and step % cfg.adversarial_every == 0:
@@ -360,7 +363,7 @@ def train_steps(accelerator: Accelerator, unet, optimizer, data: ErasureData, sc
                 forget = encode_afresh(forget, retain, data, text_encoders, adversary, cfg)
             elif adv_rows is not None:  # each forget row under one of the pooled rounds' vectors
                 forget = with_adversarial(forget, adv_rows(forget["prompt_rows"], g))
-            with accelerator.accumulate(unet), accelerator.autocast():
+            with accelerator.accumulate(*synced), accelerator.autocast():
                 if frozen_unet is not None:
                     loss, terms = esd_loss(unet, frozen_unet, forget, cfg.eta)
                 else:

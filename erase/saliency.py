@@ -297,17 +297,19 @@ def load_mask(path: str | os.PathLike, model: torch.nn.Module | None = None, sha
     except Exception as err:
         raise BadInput(f"{path}: the mask's data is damaged ({err})".splitlines()[0]) from None
     if model is not None:
-        check_mask_matches(mask, model, source=path)
+        check_mask_matches(mask, model, source=path, whole=not shard)
     return mask
 
 
-def check_mask_matches(mask: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str = "mask") -> None:
+def check_mask_matches(mask: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str = "mask", whole: bool = False) -> None:
+    """Every name of `mask` is a parameter of `model` of the mask's shape: the whole parameter's
+    (`whole`), or this process's rows of a sharded parameter."""
     params = dict(model.named_parameters())
     missing = [n for n in mask if n not in params]
     if missing:
         raise BadInput(f"{source} does not fit this model: {len(missing)} names not in the model, e.g. {missing[0]!r}")
     for name, m in mask.items():
-        shape = tuple(local(params[name]).shape)  # a sharded parameter takes the mask of its own rows
+        shape = tuple(params[name].shape if whole else local(params[name]).shape)
         if tuple(m.shape) != shape:
             raise BadInput(
                 f"{source} does not fit this model: {name!r} has shape {tuple(m.shape)} in the mask "

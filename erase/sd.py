@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import diffusers
@@ -36,7 +37,8 @@ from erase.command import check_model
 from erase.conditioning import Conditioning
 from erase.defaults import DIGITS_MODEL_NAME, SD_GUIDANCE, SD_KIND, SD_STEPS
 from erase.digits.locate import resolve_model  # `digits` -> its folder; anything else unchanged
-from erase.families import denoiser_name, family, frozen_parts
+from erase.families import denoiser, denoiser_name, family, frozen_parts
+from erase.sharding import is_sharded
 
 logger = logging.getLogger(__name__)
 _DIFFUSERS_VERSION = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
@@ -56,7 +58,7 @@ SD_V1_UNET_CONFIG = dict(
 )
 
 __all__ = ["FAMILIES", "encode_images", "encode_prompts", "generate", "check_prompts_fit", "image_set", "is_sdxl", "load_pipeline", "max_sequence_length",
-           "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
+           "denoiser_source", "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
 
 
 
@@ -163,13 +165,16 @@ def is_sdxl(pipe) -> bool:
     return isinstance(pipe, StableDiffusionXLPipeline)
 
 
-def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  components: Mapping[str, torch.nn.Module] = {}) -> DiffusionPipeline:
     """Load a pipeline folder or hub id of a supported family, without a safety checker; one clear
-    error if it is missing or of another kind."""
+    error if it is missing or of another kind. `components`: models built already (a sharded UNet),
+    used as they are and left where they are."""
     cls = pipeline_class(name_or_path)
     path = resolve_model(name_or_path)
     # diffusers 0.42 renamed torch_dtype to dtype
     kwargs = {"dtype": dtype} if _DIFFUSERS_VERSION >= (0, 42) else {"torch_dtype": dtype}
+    kwargs |= components
     if cls is StableDiffusionPipeline:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     if cls is StableDiffusion3Pipeline and _absent(_index(path), "text_encoder_3"):  # T5 is optional in SD3; diffusers needs telling
@@ -179,7 +184,22 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", dtype: 
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load model {name_or_path!r}: {err}".splitlines()[0]) from err
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module) and name not in components:
+            module.to(device)
+    return pipe
+
+
+def denoiser_source(name_or_path: str) -> tuple[type[torch.nn.Module], str]:
+    """The class and the local folder of a pipeline's UNet or transformer (what an erasure trains),
+    from model_index.json alone."""
+    index = _index(name_or_path)
+    component = "unet" if "unet" in index else "transformer"
+    path = resolve_model(name_or_path)
+    if not os.path.isdir(path):  # a hub id: its cached snapshot (the one from_pretrained loads)
+        path = DiffusionPipeline.download(path)
+    library, class_name = index[component]
+    return getattr(importlib.import_module(library), class_name), os.path.join(path, component)
 
 
 def max_sequence_length(pipe) -> int | None:
@@ -376,13 +396,17 @@ def image_set(
     # only to themselves generated in the same batch (the kernels' sums depend on the batch's shape)
     starts = range(0, num_images, batch_size)
     mine = starts[rank * len(starts) // world : (rank + 1) * len(starts) // world]
+    # a sharded UNet gathers its weights in every call, a collective: every process makes as many calls
+    # (a process with a batch fewer generates one image more, and drops it)
+    rounds = -(-len(starts) // world) if is_sharded(next(denoiser(pipe).parameters())) else len(mine)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with shared_output_dir(folder, state) as tmp:  # every process writes its images; the main one publishes
-        for i in tqdm(mine, desc="generating", unit="batch", disable=rank != 0):
-            end = min(i + batch_size, num_images)
+        for k in tqdm(range(rounds), desc="generating", unit="batch", disable=rank != 0):
+            i = mine[k] if k < len(mine) else 0
+            end = min(i + batch_size, num_images) if k < len(mine) else 1
             batch = generate(pipe, chosen[i:end], seeds[i:end], num_inference_steps, guidance_scale, batch_size=batch_size,
                              height=resolution, width=resolution, autocast_dtype=autocast_dtype)
-            for j, im in enumerate(batch):
+            for j, im in enumerate(batch if k < len(mine) else []):
                 im.save(tmp / f"{i + j:05d}.png")
         if rank == 0:
             (tmp / "index.json").write_text(json.dumps(key, indent=1))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from collections.abc import Mapping
 
 import torch
@@ -27,8 +28,8 @@ from safetensors.torch import save_file
 from erase.command import BadInput
 
 __all__ = ["ShardSizes", "check_checkpoint_sharding", "check_shardable", "collective_device", "full_state_dict", "gather_mask",
-           "gather_over_processes", "is_sharded", "load_shards", "load_training_state", "local", "local_mask", "moving_tensors",
-           "save_shards", "save_training_state", "set_gradient_sum", "shard_bytes", "shard_file", "shard_unet", "sharding_of",
+           "gather_over_processes", "host_peak_bytes", "is_sharded", "load_sharded", "load_shards", "load_training_state", "local", "local_mask", "moving_tensors",
+           "save_shards", "save_training_state", "set_gradient_sum", "shard_bytes", "shard_file", "shard_rows", "shard_unet", "sharding_of",
            "sum_over_processes", "shard_units",
            "unsharded_copy"]
 
@@ -113,6 +114,57 @@ def shard_unet(unet: torch.nn.Module, device: torch.device, reshard_after_forwar
     fully_shard(unet, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     set_gradient_sum(unet, mean=True)
     return unet
+
+
+def _weight_files(folder: str) -> dict[str, str] | None:
+    """{tensor name: file} of a diffusers model folder's safetensors weights (one file, or shards
+    with an index); None where it has none."""
+    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    if os.path.isfile(single + ".index.json"):
+        with open(single + ".index.json") as f:
+            return {name: os.path.join(folder, file) for name, file in json.load(f)["weight_map"].items()}
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    return None
+
+
+def shard_rows(n: int, rank: int, world: int) -> slice:
+    """A process's rows of a dim 0 of length n under FSDP2's split (torch.chunk's: ceil(n / world)
+    rows each in rank order, the last processes' short or empty)."""
+    size = -(-n // world)
+    start = min(rank * size, n)
+    return slice(start, min(start + size, n))
+
+
+@torch.no_grad()
+def load_sharded(cls: type[torch.nn.Module], folder: str, device: torch.device, dtype: torch.dtype = torch.float32, *,
+                 param_dtype: torch.dtype | None = None, checkpointing: bool = False) -> torch.nn.Module | None:
+    """The model in the diffusers model folder `folder` (of class `cls`), sharded as `shard_unet` does
+    without any process holding it whole: built on the meta device, sharded, then each process reads
+    only its rows of every tensor from the safetensors file(s), in `dtype`. None where the folder's
+    weights are not safetensors named as the model's tensors (the caller then loads it whole)."""
+    files = _weight_files(folder)
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder)).to(dtype)
+    kept = model.state_dict()
+    if files is None or set(files) != set(kept) or any(name not in kept for name, _ in model.named_buffers()):
+        return None
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    shard_unet(model, device, param_dtype=param_dtype)
+    model.to_empty(device=device)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for path in dict.fromkeys(files.values()):
+        with safe_open(path, framework="pt") as f:
+            for name in (n for n, file in files.items() if file == path):
+                t = tensors[name]
+                part = f.get_slice(name)[shard_rows(t.shape[0], rank, world)] if is_sharded(t) else f.get_tensor(name)
+                if tuple(part.shape) != tuple(local(t).shape):
+                    raise RuntimeError(f"{name}: rows {tuple(part.shape)} read for the shard {tuple(local(t).shape)}")
+                local(t).copy_(part)
+    return model.eval()
 
 
 def set_gradient_sum(unet: torch.nn.Module, mean: bool) -> None:
@@ -233,6 +285,13 @@ def shard_bytes(model: torch.nn.Module) -> dict[str, int]:
     return {"parameters": sum(nbytes(p) for p in params), "gradients": sum(nbytes(p.grad) for p in params if p.grad is not None)}
 
 
+def host_peak_bytes() -> int:
+    """This process's peak resident host memory so far (getrusage: KiB on Linux, bytes on macOS)."""
+    import sys
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 class ShardSizes:
     """This process's bytes of parameters and gradients (read at the first optimizer step, when every
     gradient is there), and the same for all processes."""
@@ -248,7 +307,8 @@ class ShardSizes:
     def record(self, accelerator, optimizer_bytes: int) -> dict:
         """What erase_config.json says of the sharding (a collective); `optimizer_bytes`: this
         process's optimizer state (erase.masked_adam.optimizer_state_bytes)."""
-        mine = shard_bytes(self.model) | {"gradients": self.gradients, "optimizer": optimizer_bytes}
+        mine = shard_bytes(self.model) | {"gradients": self.gradients, "optimizer": optimizer_bytes,
+                                          "host_peak": host_peak_bytes()}
         every = [None] * accelerator.num_processes
         torch.distributed.all_gather_object(every, mine)
         params = list(self.model.parameters())

@@ -69,7 +69,7 @@ from erase.saliency import (  # noqa: E402
 )
 from erase import sharding  # noqa: E402
 from erase.families import denoiser, denoiser_name, frozen_copy, hold_frozen, release_frozen  # noqa: E402
-from erase.sd import check_prompts_fit, load_pipeline, pipeline_class  # noqa: E402
+from erase.sd import check_prompts_fit, denoiser_source, load_pipeline, pipeline_class  # noqa: E402
 
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 from erase.uce import UCEScales, uce_edit  # noqa: E402
@@ -162,6 +162,35 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return peak
 
 
+def load_models(cfg: TrainConfig, device: torch.device, sharded: bool, weight_dtype: torch.dtype, autocast_dtype: torch.dtype | None):
+    """(pipeline, the UNet or transformer it trains, ESD's frozen teacher or None, a note where a
+    sharded run had to load the whole model on every process, else None).
+    Sharded, each process holds its rows of the trained model (and of the teacher) from the start: they
+    are read from the safetensors files row by row, so no process loads a whole copy (an SDXL UNet is
+    10 GB in fp32); the image sets are then generated through the sharded model. Under bf16 the
+    shards are gathered in bf16 (fp16 is refused), while the shards, the masters, stay fp32."""
+    name, esd = cfg.pretrained_model_name_or_path, cfg.method.startswith("esd")
+    if sharded:
+        cls, folder = denoiser_source(name)
+        unet = sharding.load_sharded(cls, folder, device, param_dtype=autocast_dtype, checkpointing=cfg.gradient_checkpointing)
+        if unet is not None:
+            pipe = load_pipeline(name, device="cpu", components={os.path.basename(folder): unet})
+            teacher = sharding.load_sharded(cls, folder, device, weight_dtype).requires_grad_(False) if esd else None
+            return pipe, unet, teacher, None
+    pipe = load_pipeline(name, device="cpu")
+    unet = denoiser(pipe).to(device)
+    teacher = frozen_copy(unet, weight_dtype) if esd else None  # stored in weight_dtype
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if not sharded:
+        return pipe, unet, teacher, None
+    sharding.shard_unet(unet, device, param_dtype=autocast_dtype)  # in place: from here each process holds its rows
+    if teacher is not None:
+        sharding.shard_unet(teacher, device)
+    return pipe, unet, teacher, (f"{folder} holds no safetensors weights named as the model's: every process loaded "
+                                 "the whole model before sharding it")
+
+
 def train(cfg: TrainConfig) -> str:
     concepts = cfg.resolve_concepts()
     concept = merge_concepts(concepts)
@@ -199,8 +228,10 @@ def train(cfg: TrainConfig) -> str:
     # the frozen parts run in weight_dtype; the trained UNet keeps fp32 master weights
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     autocast_dtype = weight_dtype if cfg.mixed_precision != "no" else None
-    pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="cpu")
-    unet = denoiser(pipe).to(device)  # the UNet, or the transformer of SD3 / Flux: what is trained
+    pipe, unet, frozen_unet, whole_copy = load_models(cfg, device, sharded, weight_dtype, autocast_dtype)
+    if whole_copy:
+        notes.append(whole_copy)
+        logger.warning(whole_copy)
     scheduler = training_scheduler(pipe.scheduler)
     given_mask = load_mask(cfg.mask, unet) if cfg.mask else None  # fail before any generation
     peaks: dict[str, float | None] = {}
@@ -218,13 +249,6 @@ def train(cfg: TrainConfig) -> str:
     seconds_data = time.perf_counter() - start
     peaks["data"] = peak_memory_gib(device)
 
-    frozen_unet = frozen_copy(unet, weight_dtype) if cfg.method.startswith("esd") else None
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if sharded:  # in place: from here each process holds its rows of every UNet tensor
-        sharding.shard_unet(unet, device, param_dtype=autocast_dtype)  # bf16 gathers under bf16 (fp16 is refused)
-        if frozen_unet is not None:
-            sharding.shard_unet(frozen_unet, device)  # the teacher is stored in weight_dtype already
     start = time.perf_counter()
     mask = trainable_mask(unet, cfg, scheduler, data, accelerator, staging, given_mask, resume=checkpoint is not None,
                           adversary=adversary, sharded=sharded)
@@ -288,7 +312,8 @@ def train(cfg: TrainConfig) -> str:
 
     record = {}
     if sharded:  # every process takes part in gathering the weights and the sizes; the main one keeps them
-        record["sharding"] = sizes.record(accelerator, optimizer_state_bytes(optimizer))
+        record["sharding"] = sizes.record(accelerator, optimizer_state_bytes(optimizer)) | {
+            "loaded": "each process a whole copy, then sharded" if whole_copy else "each process its rows of the safetensors files"}
         state = sharding.full_state_dict(unet, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
         setattr(pipe, denoiser_name(pipe), sharding.unsharded_copy(unet, state) if sharded else accelerator.unwrap_model(unet))
@@ -296,6 +321,7 @@ def train(cfg: TrainConfig) -> str:
             "final_losses": logs,
             "seconds": {"data": seconds_data, "mask": seconds_mask, "train": seconds_train},
             "peak_memory_gib": peaks,
+            "peak_host_memory_gib": sharding.host_peak_bytes() / 2**30,  # the main process's, before saving
             "resumed_from": checkpoint,
             "optimizer": {"state": cfg.optimizer_state, "state_bytes": optimizer_state_bytes(optimizer)},
         }

@@ -325,18 +325,24 @@ def test_two_sharded_processes_give_the_one_process_mask_on_flux(tiny_flow_paths
     """--fsdp over 2 gloo processes, the transformer's blocks as the shard units, Adam's moments for the
     mask's entries only: the 1-process mask to the bit, weights within 1e-4, half the bytes each. 5 forget
     images in batches of 2: one process's shard needs 1 batch, the other's 2 (every batch a set of
-    collectives: before the padding batches, the saliency pass deadlocked)."""
+    collectives: before the padding batches, the saliency pass deadlocked). Each process reads only its
+    rows of the transformer and generates its share of the sets through the sharded model (3 batches of
+    2: the process with one batch makes one more call): the one-process images, byte for byte."""
     from test_sharding import check_sharding_record, launch
 
-    args = lambda out, *more: ["--model", str(tiny_flow_paths["flux"]), "--concept", "nudity", "--num-images", "5",  # noqa: E731
-                               "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2",
-                               "--max-train-steps", "3", "--learning-rate", "1e-3", "--resolution", "16", "--optimizer-state",
-                               "masked", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), *more]
-    one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
+    args = lambda out, cache, *more: ["--model", str(tiny_flow_paths["flux"]), "--concept", "nudity", "--num-images", "5",  # noqa: E731
+                                      "--generation-steps", "2", "--generation-batch-size", "2", "--train-batch-size", "2",
+                                      "--saliency-batch-size", "2", "--max-train-steps", "3", "--learning-rate", "1e-3", "--resolution",
+                                      "16", "--optimizer-state", "masked", "--output-dir", str(out), "--cache-dir", str(cache), *more]
+    one = run_train(args(tmp_path / "one", tmp_path / "cache1", "--gradient-accumulation-steps", "2"))
     assert one.returncode == 0, one.stderr[-3000:]
-    sharded = run_train(args(tmp_path / "sharded", "--fsdp"), launcher=launch(2, 29547))
+    sharded = run_train(args(tmp_path / "sharded", tmp_path / "cache2", "--fsdp"), launcher=launch(2, 29547))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     check_sharding_record(tmp_path / "sharded", tmp_path / "one")
+    assert json.loads((tmp_path / "sharded" / "erase_config.json").read_text())["sharding"]["loaded"] == \
+        "each process its rows of the safetensors files"
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
+    assert len(files(tmp_path / "cache1")) == 2 * 6 and files(tmp_path / "cache1") == files(tmp_path / "cache2")
     m1, m2 = load_mask(tmp_path / "one" / "saliency_mask.safetensors"), load_mask(tmp_path / "sharded" / "saliency_mask.safetensors")
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
     a, b = weights(tmp_path / "one", "transformer"), weights(tmp_path / "sharded", "transformer")

@@ -69,16 +69,20 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
-    """2 FSDP processes against 1 process with 2 micro-batches (the same batches), adversarial (every
-    process runs the inner attack through the sharded UNet): the same mask, the same vectors, the
-    weights within float reduction order; killed after a checkpoint and resumed: the same weights as
-    the uninterrupted sharded run, to the bit. A sharded checkpoint or mask is refused elsewhere."""
+    """2 FSDP processes with 2 micro-batches against 1 process with 4 (the same batches), adversarial
+    (every process runs the inner attack through the sharded UNet): the same mask, the same vectors,
+    the weights within float reduction order. The uninterrupted run goes through Accelerate's FSDP
+    plugin route, the killed one through --fsdp: resumed, the same weights to the bit (the plugin's
+    gradient accumulation held the sync back and summed in another order: 225,001 weights differed).
+    A sharded checkpoint or mask is refused elsewhere."""
     args = lambda out, *extra: ["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"),  # noqa: E731
                                 "--max-train-steps", "12", "--checkpointing-steps", "4",
                                 "--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", "--adversarial-pool", "2", *extra]
-    one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
+    one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "4"))
     assert one.returncode == 0, one.stderr[-3000:]
-    full = run_train(args(tmp_path / "full", "--fsdp"), launcher=launch(2, 29542))
+    plugin = launch(2, 29542) + [str(ROOT / "tests" / "fsdp_plugin_train.py")]
+    full = subprocess.run(plugin + args(tmp_path / "full", "--fsdp", "--gradient-accumulation-steps", "2"), env=ENV,
+                          capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
     assert compare(tmp_path / "one", tmp_path / "full") < 1e-4
     attacked = [json.loads((tmp_path / run / "erase_config.json").read_text())["adversarial"]["last_attack_loss"] for run in ("one", "full")]
@@ -94,7 +98,7 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
 
     killed = tmp_path / "killed"
     checkpoint = tmp_path / ".killed.partial" / "checkpoints" / "checkpoint-4"
-    proc = subprocess.Popen(launch(2, 29543) + [TRAIN, *args(killed, "--fsdp")], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(launch(2, 29543) + [TRAIN, *args(killed, "--fsdp", "--gradient-accumulation-steps", "2")], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not checkpoint.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -103,13 +107,14 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
     assert sorted(p.name for p in checkpoint.iterdir()) == ["adversarial.safetensors", *(f"{w}.rank{r}-of-2.safetensors" for w in ("optimizer", "unet")
                                                                                         for r in (0, 1))]
 
-    unsharded = run_train(args(killed, "--resume-from-checkpoint", str(checkpoint)))
+    unsharded = run_train(args(killed, "--gradient-accumulation-steps", "2", "--resume-from-checkpoint", str(checkpoint)))
     assert unsharded.returncode != 0 and "written by a sharded run" in unsharded.stderr
     shard = tmp_path / ".killed.partial" / "saliency_mask.rank1-of-2.safetensors"
     foreign = run_train(args(tmp_path / "other", "--mask", str(shard)))
     assert foreign.returncode != 0 and "one process's rows" in foreign.stderr and not (tmp_path / "other").exists()
 
-    resumed = run_train(args(killed, "--fsdp", "--resume-from-checkpoint", "latest"), launcher=launch(2, 29544))
+    resumed = run_train(args(killed, "--fsdp", "--gradient-accumulation-steps", "2", "--resume-from-checkpoint", "latest"),
+                        launcher=launch(2, 29544))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((killed / "erase_config.json").read_text())["resumed_from"].endswith("checkpoint-4")
     assert compare(tmp_path / "full", killed) == 0.0
