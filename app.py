@@ -62,12 +62,17 @@ def nudenet_labeller() -> Labeller:
 
 
 def erased_concepts(erased: str | None) -> list[dict]:
-    """The concepts that the erased folder's erase_config.json names (several when --concept repeated)."""
-    try:
-        record = json.loads((Path(erased) / "erase_config.json").read_text())
-        return list(record.get("concepts") or [record["concept"]])
-    except (TypeError, OSError, ValueError, KeyError):
+    """The concepts that the erased folder's erase_config.json names (several when --concept repeated);
+    none for a folder without one (a model erased elsewhere). A record that is there but cannot be read
+    is an error: the page would otherwise show an erased model as if nothing had been erased."""
+    path = Path(erased) / "erase_config.json" if erased else None
+    if path is None or not path.is_file():
         return []
+    try:
+        record = json.loads(path.read_text())
+        return list(record.get("concepts") or [record["concept"]])
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path} cannot be read: {err!r}") from None
 
 
 def example_prompts(original: str, erased: str | None = None, limit: int = 8) -> list[str]:
@@ -198,6 +203,7 @@ def check(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError(f"{DEMO_ERASED} does not exist: run `make demo` first, or pass --erased FOLDER")
     check_model(args.original, "original model")
     check_model(args.erased, "erased model")
+    erased_concepts(args.erased)  # a damaged erase_config.json, before any model loads
     args.port = args.port if args.port is not None else int(os.environ.get("GRADIO_SERVER_PORT") or 0) or None
     return args
 

@@ -32,10 +32,11 @@ PROMPTS = ["a photo of a person on a beach", "a portrait of a woman in a garden"
 
 
 def attack(model: Path, attack_name: str, prompts: Path, out: Path, args) -> dict:
+    own = (["--timesteps", str(args.timesteps), "--iterations", str(args.iterations)] if attack_name == "unlearndiffatk"
+           else ["--inversion-steps", str(args.inversion_steps)])  # an option of the other attack is refused
     cmd = [sys.executable, "-m", "eval", "attack", "--model", str(model), "--original", str(model), "--concept", "nudity",
-           "--attack", attack_name, "--prompts", str(prompts), "--timesteps", str(args.timesteps), "--iterations",
-           str(args.iterations), "--inversion-steps", str(args.inversion_steps), "--steps", str(args.steps),
-           "--dtype", args.dtype, "--out", str(out)]
+           "--attack", attack_name, "--prompts", str(prompts), *own, "--steps", str(args.steps),
+           "--dtype", args.dtype, "--out", str(out), *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
@@ -43,8 +44,12 @@ def attack(model: Path, attack_name: str, prompts: Path, out: Path, args) -> dic
     report = json.loads(out.read_text())
     return {"command_seconds": time.perf_counter() - start, "seconds_per_prompt": report["seconds_per_prompt"],
             "generation_seconds": report["generation_seconds"], "asr": report["asr"],
-            "train_seconds": report.get("inversion", {}).get("train_seconds"),
+            "train_seconds": report.get("inversion", {}).get("train_seconds"), "peak_memory_gib": report.get("peak_memory_gib"),
             "checks_per_prompt": [p.get("checks") for p in report["prompts"]]}
+
+
+def _gib(value: float | None) -> str:
+    return "not measured (no GPU)" if value is None else f"{value:.1f}"
 
 
 def markdown(r: dict) -> str:
@@ -52,11 +57,14 @@ def markdown(r: dict) -> str:
     scale = 50 / r["timesteps"]
     return "\n".join([
         f"# Attack time on the SD v1.4 architecture ({r['device']}, {r['dtype']}, random weights)", "",
-        f"{r['num_prompts']} prompts, {r['steps']} sampler steps per check image, {r['resolution']} px.", "",
-        "| attack | measured | seconds |", "|---|---|---|",
-        f"| UnlearnDiffAtk, {r['timesteps']} timesteps x {r['iterations']} iterations | per prompt | {u['seconds_per_prompt']:.1f} |",
-        f"| concept inversion, {r['inversion_steps']} steps (batch 4) | training, once | {i['train_seconds']:.1f} |",
-        f"| concept inversion | per prompt (one image) | {i['seconds_per_prompt']:.1f} |", "",
+        f"{r['num_prompts']} prompts, {r['steps']} sampler steps per check image, {r['resolution']} px, gradient checkpointing "
+        f"{'on' if r.get('gradient_checkpointing') else 'off'}.", "",
+        "| attack | measured | seconds | peak GPU memory (GiB) |", "|---|---|---|---|",
+        f"| UnlearnDiffAtk, {r['timesteps']} timesteps x {r['iterations']} iterations | per prompt | {u['seconds_per_prompt']:.1f} | "
+        f"{_gib(u.get('peak_memory_gib'))} |",
+        f"| concept inversion, {r['inversion_steps']} steps (batch 4) | training, once | {i['train_seconds']:.1f} | "
+        f"{_gib(i.get('peak_memory_gib'))} |",
+        f"| concept inversion | per prompt (one image) | {i['seconds_per_prompt']:.1f} | |", "",
         f"Arithmetic, not measured: the reference sweep (50 timesteps x 40 iterations) is {scale:.0f} x the "
         f"sweep above, about {u['seconds_per_prompt'] * scale * 40 / r['iterations']:.0f} s per prompt that never succeeds.",
         "", f"Machine: {r['machine']}.", ""])
@@ -71,6 +79,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="sampler steps of each check image")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="the attacks recompute the UNet's activations")
     parser.add_argument("--out", default="bench/results/attack_sd.json")
     args = parser.parse_args()
     if args.tiny:
@@ -86,7 +95,7 @@ def main() -> None:
             writer.writerow(["prompt", "evaluation_seed", "evaluation_guidance"])
             writer.writerows([p, i, 7.5] for i, p in enumerate(PROMPTS[: args.prompts]))
         result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  "dtype": args.dtype, "tiny": args.tiny, "sizes_millions": sizes, "num_prompts": args.prompts,
+                  "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing, "tiny": args.tiny, "sizes_millions": sizes, "num_prompts": args.prompts,
                   "timesteps": args.timesteps, "iterations": args.iterations, "inversion_steps": args.inversion_steps,
                   "steps": args.steps, "resolution": 16 if args.tiny else 512, "machine": machine()}
         for name in ("unlearndiffatk", "inversion"):

@@ -6,8 +6,11 @@
 # 2. bench/sd_gpu.py on the SD v1.4 architecture, bf16, with and without gradient checkpointing,
 #    scaled to NUM_IMAGES images per set (the full recipe's time is projected from the measured rates),
 #    then once with --adversarial;
-# 3. bench/attack_sd.py: attack time per prompt (UnlearnDiffAtk, concept inversion) on that architecture;
-# 4. bench/memory.py: the computed per-process memory table, step 2's measured peaks beside its SD 1.x rows.
+# 3. bench/attack_sd.py: attack time per prompt and peak memory (UnlearnDiffAtk, concept inversion) on that
+#    architecture in bf16, without and with gradient checkpointing;
+# 4. bench/memory.py: the computed per-process memory table, step 2's measured peaks beside its SD 1.x rows;
+# 5. bench/masked_adam_step.py on CUDA: the step time of --optimizer-state masked against dense, and the
+#    device-to-host synchronisations of one step (torch.cuda's sync debug mode).
 set -euo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -26,5 +29,9 @@ done
 "$py" bench/sd_gpu.py "${size[@]}" --mixed-precision bf16 --num-images "$n" --gradient-checkpointing --adversarial \
     --out "$out/sd_gpu_adversarial_bf16.json"
 "$py" bench/attack_sd.py ${TINY:+--tiny} --out "$out/attack_sd.json"
+"$py" bench/attack_sd.py ${TINY:+--tiny} --gradient-checkpointing --out "$out/attack_sd_checkpointing.json"
 # 4. the computed per-process memory table, with the measured peaks of step 2 beside its SD 1.x rows
 "$py" bench/memory.py --batch "$batch" --measured "$out"/sd_gpu_bf16*.json --out "$out/memory.json"
+# 5. MaskedAdam's step on the full-size SD 1.x UNet: time, state and host syncs per step (the CPU in a dry run)
+if [ -n "${TINY:-}" ]; then device=cpu; else device=cuda; fi
+"$py" bench/masked_adam_step.py ${TINY:+--tiny} --device "$device" --out "$out/masked_adam_step_$device.json"

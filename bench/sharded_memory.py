@@ -64,10 +64,12 @@ def erase(model: Path, out: Path, cache: Path, processes: int, unet_bytes: int) 
     record = json.loads((out / "erase_config.json").read_text())
     gib = lambda b: round(b / 2**30, 2)  # noqa: E731
     if processes == 1:
-        return {"processes": 1, "seconds": round(seconds, 1), "host_peak_gib": [round(record["peak_host_memory_gib"], 2)],
-                "unet_gib_per_process": gib(unet_bytes), "loaded": "whole (one process)"}
+        peaks = record["peak_host_memory_gib"]
+        return {"processes": 1, "seconds": round(seconds, 1), "host_peak_load_gib": [round(peaks["load"], 2)],
+                "host_peak_gib": [round(peaks["run"], 2)], "unet_gib_per_process": gib(unet_bytes), "loaded": "whole (one process)"}
     sharding = record["sharding"]
     return {"processes": processes, "seconds": round(seconds, 1),
+            "host_peak_load_gib": [gib(p["host_peak_load"]) for p in sharding["per_process_bytes"]],
             "host_peak_gib": [gib(p["host_peak"]) for p in sharding["per_process_bytes"]],
             "unet_gib_per_process": gib(sharding["per_process_bytes"][0]["parameters"]), "loaded": sharding["loaded"]}
 
@@ -75,12 +77,17 @@ def erase(model: Path, out: Path, cache: Path, processes: int, unet_bytes: int) 
 def markdown(r: dict) -> str:
     lines = ["# Host memory per process of a sharded erasure (SD 1.x architecture, CPU)", "",
              f"Model: {r['model']}; the run: `{' '.join(r['run'])}`.", "",
-             "| run | processes | UNet loaded | UNet per process (GiB) | peak host memory per process (GiB) | seconds |",
-             "|---|---|---|---|---|---|"]
+             "| run | processes | UNet loaded | UNet per process (GiB) | peak host memory per process while loading (GiB) | "
+             "peak host memory per process, whole run (GiB) | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in r["runs"].items():
-        peaks = " / ".join(f"{p:.2f}" for p in row["host_peak_gib"])
-        lines.append(f"| {name} | {row['processes']} | {row['loaded']} | {row['unet_gib_per_process']:.2f} | {peaks} | {row['seconds']:.1f} |")
-    lines += ["", f"Machine: {r['machine']}. Command: `{r['command']}`.", ""]
+        load, run = (" / ".join(f"{p:.2f}" for p in row[k]) for k in ("host_peak_load_gib", "host_peak_gib"))
+        lines.append(f"| {name} | {row['processes']} | {row['loaded']} | {row['unet_gib_per_process']:.2f} | {load} | {run} | "
+                     f"{row['seconds']:.1f} |")
+    lines += ["", "Loading: each process's peak resident memory (getrusage) up to the end of loading the pipeline; whole "
+              "run: up to the end of training, before saving (Adam's dense state for the trained weights is 2x their "
+              "bytes, so from 4 processes on the training state per process is smaller than one whole fp32 copy).",
+              "", f"Machine: {r['machine']}. Command: `{r['command']}`.", ""]
     return "\n".join(lines)
 
 

@@ -5,9 +5,10 @@ these together with Accelerate, checkpoints and the published pipeline."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ __all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for"
 
 
 METHODS = ("salun", "rl", "esd-x", "esd-u", "uce")
+TRAINED = ("salun", "rl", "esd-x", "esd-u")  # the methods with a training loop (uce edits in closed form)
 
 
 @dataclass
@@ -50,61 +52,61 @@ class TrainConfig:
     retain_prompt: list[str] = field(default_factory=list, metadata={"help": "custom concept: prompts to keep"})
     pretrained_model_name_or_path: str = field(default="CompVis/stable-diffusion-v1-4", metadata={"help": "hub id, folder, or `digits`"})
     method: str = field(default="salun", metadata={"help": "salun, rl, esd-x, esd-u or uce (closed form, no training)"})
-    mask_ratio: float | None = field(default=None, metadata={
+    mask_ratio: float | None = field(default=None, metadata={"methods": ("salun",),
         "help": "salun: fraction of UNet weights that may move, in (0, 1] (default 0.5; other methods take none)"})
-    mask: str | None = field(default=None, metadata={"help": "salun: reuse a saved saliency mask instead of computing one"})
-    adversarial: bool = field(default=False, metadata={
+    mask: str | None = field(default=None, metadata={"methods": ("salun",), "help": "salun: reuse a saved saliency mask instead of computing one"})
+    adversarial: bool = field(default=False, metadata={"methods": TRAINED,
         "help": "train against concept inversion (erase/adversarial.py): every --adversarial-every steps, "
                 "--adversarial-steps Adam steps on --adversarial-vectors token vectors against the current UNet; the "
                 "forget objective applies to the clean and the adversarial prompts"})
-    adversarial_vectors: int = field(default=4, metadata={"help": "adversarial: token vectors of the inner attack"})
-    adversarial_steps: int = field(default=30, metadata={"help": "adversarial: inner Adam steps per round"})
-    adversarial_every: int = field(default=10, metadata={"help": "adversarial: optimizer steps between rounds"})
-    adversarial_lr: float = field(default=0.01, metadata={"help": "adversarial: inner Adam learning rate"})
-    adversarial_pool: int | None = field(default=None, metadata={
+    adversarial_vectors: int = field(default=4, metadata={"methods": TRAINED, "needs": "adversarial", "help": "adversarial: token vectors of the inner attack"})
+    adversarial_steps: int = field(default=30, metadata={"methods": TRAINED, "needs": "adversarial", "help": "adversarial: inner Adam steps per round"})
+    adversarial_every: int = field(default=10, metadata={"methods": TRAINED, "needs": "adversarial", "help": "adversarial: optimizer steps between rounds"})
+    adversarial_lr: float = field(default=0.01, metadata={"methods": TRAINED, "needs": "adversarial", "help": "adversarial: inner Adam learning rate"})
+    adversarial_pool: int | None = field(default=None, metadata={"methods": TRAINED, "needs": "adversarial",
         "help": "adversarial: the outer step trains against the vectors of the last N inner rounds, one drawn per forget row "
                 "(0: every round so far, the default when the UNet alone trains; 1: the last round's, the only choice with trained "
                 "text encoders)"})
-    adversarial_trains: str = field(default="unet", metadata={
+    adversarial_trains: str = field(default="unet", metadata={"methods": ("salun", "rl"), "needs": "adversarial",
         "help": "adversarial salun or rl: what the outer step trains: the UNet under its mask (unet), the text encoder(s) "
                 "(text-encoder, AdvUnlearn's choice), or both", "choices": ("unet", "text-encoder", "both")})
-    adversarial_mask: str = field(default="clean", metadata={
+    adversarial_mask: str = field(default="clean", metadata={"methods": ("salun",), "needs": "adversarial",
         "help": "adversarial salun: the mask's loss on the clean prompts (clean) or on clean + adversarial (both)",
         "choices": ("clean", "both")})
-    beta: float = field(default=0.1, metadata={"help": "weight of the retain loss (SalUn Eq. 9)"})
-    eta: float = field(default=1.0, metadata={"help": "negative guidance of ESD"})
-    uce_lambda: float = field(default=0.1, metadata={"help": "uce: weight that keeps each projection near its original"})
-    erase_scale: float = field(default=1.0, metadata={"help": "uce: weight of the forget -> anchor edits"})
-    preserve_scale: float = field(default=0.1, metadata={"help": "uce: weight of each preserved (retain) prompt"})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
-    optimizer_state: str = field(default="dense", metadata={
+    beta: float = field(default=0.1, metadata={"methods": ("salun", "rl"), "help": "weight of the retain loss (SalUn Eq. 9)"})
+    eta: float = field(default=1.0, metadata={"methods": ("esd-x", "esd-u"), "help": "negative guidance of ESD"})
+    uce_lambda: float = field(default=0.1, metadata={"methods": ("uce",), "help": "uce: weight that keeps each projection near its original"})
+    erase_scale: float = field(default=1.0, metadata={"methods": ("uce",), "help": "uce: weight of the forget -> anchor edits"})
+    preserve_scale: float = field(default=0.1, metadata={"methods": ("uce",), "help": "uce: weight of each preserved (retain) prompt"})
+    learning_rate: float = field(default=1e-5, metadata={"methods": TRAINED, "help": "Adam learning rate"})
+    optimizer_state: str = field(default="dense", metadata={"methods": TRAINED,
         "help": "Adam's moments for every weight of a trained tensor (dense), or for the weights the mask lets move "
                 "only (masked: about half the state at ratio 0.5, the same update on the CPU to the last bit)",
         "choices": ("dense", "masked")})
-    fsdp: bool = field(default=False, metadata={
+    fsdp: bool = field(default=False, metadata={"methods": TRAINED,
         "help": "shard the UNet's weights, gradients, optimizer state and mask over the launched processes (FSDP2; "
                 "Accelerate's --use_fsdp --fsdp_version 2 selects it too); launch 2 or more processes"})
-    train_batch_size: int = field(default=8, metadata={"help": "forget and retain images per step and process"})
-    max_train_steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    num_images: int = field(default=800, metadata={"help": "images in the forget set and in the retain set"})
-    generation_steps: int = field(default=50, metadata={"help": "sampler steps when generating the sets"})
-    guidance_scale: float = field(default=7.5, metadata={
+    train_batch_size: int = field(default=8, metadata={"methods": TRAINED, "help": "forget and retain images per step and process"})
+    max_train_steps: int = field(default=100, metadata={"methods": TRAINED, "help": "optimizer steps"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"methods": TRAINED, "help": "micro-batches per optimizer step"})
+    num_images: int = field(default=800, metadata={"methods": TRAINED, "help": "images in the forget set and in the retain set"})
+    generation_steps: int = field(default=50, metadata={"methods": TRAINED, "help": "sampler steps when generating the sets"})
+    guidance_scale: float = field(default=7.5, metadata={"methods": TRAINED,
         "help": "w of the generated sets (diffusers' eps_u + w (eps_c - eps_u)), and g of the mask loss "
                 "(1 + g) eps_c - g eps_u, which is w = g + 1, as in SalUn's mask code"})
-    resolution: int | None = field(default=None, metadata={"help": "image size of the generated sets (model default)"})
-    generation_batch_size: int = field(default=16, metadata={"help": "images per batch when generating the sets"})
-    saliency_batch_size: int = field(default=8, metadata={"help": "forget images per gradient batch for the mask"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
-    checkpointing_steps: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps"})
-    logging_steps: int = field(default=10, metadata={"help": "log the mean losses every N steps (reading them waits for the device)"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "`latest` or a checkpoint-N folder"})
+    resolution: int | None = field(default=None, metadata={"methods": TRAINED, "help": "image size of the generated sets (model default)"})
+    generation_batch_size: int = field(default=16, metadata={"methods": TRAINED, "help": "images per batch when generating the sets"})
+    saliency_batch_size: int = field(default=8, metadata={"methods": ("salun",), "help": "forget images per gradient batch for the mask"})
+    mixed_precision: str = field(default="no", metadata={"methods": TRAINED, "help": "no, fp16 or bf16"})
+    gradient_checkpointing: bool = field(default=False, metadata={"methods": TRAINED, "help": "recompute activations in the backward pass (less memory)"})
+    checkpointing_steps: int = field(default=50, metadata={"methods": TRAINED, "help": "save a resumable checkpoint every N steps"})
+    logging_steps: int = field(default=10, metadata={"methods": TRAINED, "help": "log the mean losses every N steps (reading them waits for the device)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"methods": TRAINED, "help": "`latest` or a checkpoint-N folder"})
     output_dir: str = field(default="erased-model", metadata={"help": "the erased pipeline's folder"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
-    cache_dir: str = field(default=os.path.join(os.path.expanduser("~"), ".cache", "erase"), metadata={"help": "generated image sets"})
-    report_to: str | None = field(default=None, metadata={"help": "tracker (default: tensorboard when installed)"})
-    seed: int = field(default=0, metadata={"help": "training randomness (the generated sets use fixed seeds)"})
+    cache_dir: str = field(default=os.path.join(os.path.expanduser("~"), ".cache", "erase"), metadata={"methods": TRAINED, "help": "generated image sets"})
+    report_to: str | None = field(default=None, metadata={"methods": TRAINED, "help": "tracker (default: tensorboard when installed)"})
+    seed: int = field(default=0, metadata={"methods": TRAINED, "help": "training randomness (the generated sets use fixed seeds)"})
     ddp_timeout: int | None = field(default=None, metadata={
         "help": "seconds a process waits in a collective before the run is aborted (default: the backend's, "
                 "NCCL 10 minutes); raise it where one step is long (a huge model's first step, a slow file system)"})
@@ -179,6 +181,40 @@ class TrainConfig:
     def resolve_concept(self) -> Concept:
         """The run's concepts as one: every forget/anchor pair, the retain prompts none of them forgets."""
         return merge_concepts(self.resolve_concepts())
+
+
+def _listing(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+
+def refuse_unused(cfg: TrainConfig, given: Mapping[str, object]) -> None:
+    """One error for the first option given on the command line that this run would not use: another
+    method's (the field's `methods` metadata), or an --adversarial-* option without --adversarial
+    (`needs`). A flag turned off (`--no-X`) asks for nothing, and passes."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in given or given[f.name] is False:
+            continue
+        flag, methods = "--" + f.name.replace("_", "-"), f.metadata.get("methods")
+        if methods and cfg.method not in methods:
+            if cfg.method == "uce" and tuple(methods) == TRAINED:
+                raise ValueError(f"{flag} applies to the methods that train ({_listing(TRAINED)}); uce edits in closed form: "
+                                 "leave it out")
+            raise ValueError(f"{flag} applies to {_listing(methods)}, not {cfg.method}: leave it out")
+        if f.metadata.get("needs") == "adversarial" and not cfg.adversarial:
+            raise ValueError(f"{flag} applies with --adversarial only: add --adversarial or leave it out")
+
+
+def option_table() -> str:
+    """The Markdown table of every erase/train.py option against every method: what `refuse_unused`
+    accepts (yes) and refuses (-), from the same metadata."""
+    rows = ["| option | " + " | ".join(METHODS) + " | also needs |", "|---|" + "---|" * len(METHODS) + "---|"]
+    for f in dataclasses.fields(TrainConfig):
+        methods = f.metadata.get("methods", METHODS)
+        cells = ["yes" if m in methods else "-" for m in METHODS]
+        needs = f"`--{f.metadata['needs']}`" if f.metadata.get("needs") else ""
+        flag = "--model" if f.name == "pretrained_model_name_or_path" else "--" + f.name.replace("_", "-")
+        rows.append(f"| `{flag}` | " + " | ".join(cells) + f" | {needs} |")
+    return "\n".join(rows) + "\n"
 
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

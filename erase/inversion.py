@@ -15,7 +15,8 @@ from erase.families import denoiser, predict
 from erase.objectives import draw_timesteps, mse_per_sample, noisy_latents_and_target, step_generator, training_scheduler
 from erase.tokens import PlaceholderTokens, allowed_token_ids
 
-__all__ = ["INVERSION_TOKEN", "InversionSettings", "denoising_loss", "inversion_captions", "inversion_tokens", "starting_vectors",
+__all__ = ["INVERSION_TOKEN", "InversionSettings", "denoising_loss", "inversion_captions", "inversion_tokens", "loss_scaler",
+           "starting_vectors",
            "train_inversion"]
 
 INVERSION_TOKEN = "<erased-concept>"
@@ -68,6 +69,14 @@ def denoising_loss(pipe, scheduler, latents: torch.Tensor, timesteps: torch.Tens
     return mse_per_sample(pred, target).mean()
 
 
+def loss_scaler(pipe) -> torch.amp.GradScaler:
+    """An attack's GradScaler: a gradient that reaches the vectors through an fp16 UNet and text encoder
+    underflows as the training's does, so under fp16 the loss is scaled (dynamically, skipping steps that
+    overflow) as the training's GradScaler scales it; under fp32 and bf16 a no-op."""
+    model = denoiser(pipe)
+    return torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)
+
+
 def inversion_captions(prompts: Sequence[str], concept_name: str | None, token: str = INVERSION_TOKEN) -> list[str]:
     """Each prompt with the concept's name (a whole word) replaced by the token, else the token prepended."""
     out = []
@@ -107,6 +116,7 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
             optimizer = torch.optim.AdamW(vectors, lr=opts.lr, weight_decay=opts.weight_decay)
         else:
             optimizer = torch.optim.Adam(vectors, lr=opts.lr)
+        scaler = loss_scaler(pipe)
         trace, running = [], []
         for step in range(opts.steps):
             optimizer.zero_grad(set_to_none=True)
@@ -120,9 +130,10 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
                     batch = torch.where(flip[:, None, None, None], mirrored[pick], batch)
                 place.set([v.to(m.dtype) for v, m in zip(vectors, matrices, strict=True)])
                 loss = denoising_loss(pipe, scheduler, batch, t, [captions[i] for i in pick], g) / opts.accumulation
-                loss.backward()
+                scaler.scale(loss).backward()
                 total = total + loss.detach()
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             running.append(total)
             if len(running) == 50 or step == opts.steps - 1:
                 trace.append(float(torch.stack(running).mean()))

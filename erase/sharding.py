@@ -304,11 +304,12 @@ class ShardSizes:
         self.gradients = shard_bytes(self.model)["gradients"]
         self._handle.remove()
 
-    def record(self, accelerator, optimizer_bytes: int) -> dict:
+    def record(self, accelerator, optimizer_bytes: int, host_peak_load: int | None = None) -> dict:
         """What erase_config.json says of the sharding (a collective); `optimizer_bytes`: this
-        process's optimizer state (erase.masked_adam.optimizer_state_bytes)."""
+        process's optimizer state (erase.masked_adam.optimizer_state_bytes); `host_peak_load`: its
+        peak host memory while the models loaded (beside the whole run's, `host_peak`)."""
         mine = shard_bytes(self.model) | {"gradients": self.gradients, "optimizer": optimizer_bytes,
-                                          "host_peak": host_peak_bytes()}
+                                          "host_peak_load": host_peak_load, "host_peak": host_peak_bytes()}
         every = [None] * accelerator.num_processes
         torch.distributed.all_gather_object(every, mine)
         params = list(self.model.parameters())

@@ -55,6 +55,7 @@ from erase.adversarial import AdversarialTokens, TrainedTextEncoders  # noqa: E4
 from erase.erasure import (  # noqa: E402
     WEIGHT_DTYPES,
     TrainConfig,
+    refuse_unused,
     masked_optimizer,
     prepare_data,
     train_steps,
@@ -86,13 +87,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     # a concept file's `train:` recipe sits between the paper defaults and the flags; its
     # `adversarial:` part overrides the rest under --adversarial
     recipe = {}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
     if given.get("concept"):
-        recipe = dict(merge_concepts([load_concept(name) for name in given["concept"]]).train)
+        concepts = [load_concept(name) for name in given["concept"]]
+        for concept in concepts:  # a typo in a recipe is refused, not dropped
+            keys = [*concept.train, *(concept.train.get("adversarial") or {})]
+            unknown = [k for k in keys if k not in known]
+            if unknown:
+                raise ValueError(f"concept {concept.name!r}: unknown option {unknown[0]!r} in its train: recipe "
+                                 "(the recipe takes erase/train.py's options, spelt with underscores)")
+        recipe = dict(merge_concepts(concepts).train)
         adversarial = recipe.pop("adversarial", None) or {}
         if given.get("adversarial"):
             recipe.update(adversarial)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**{k: v for k, v in recipe.items() if k in known}, **given})
+    cfg = TrainConfig(**{**recipe, **given})
+    refuse_unused(cfg, given)  # the recipe's options are the model's, written for every method: only flags are refused
+    return cfg
 
 
 # ----------------------------------------------------------------------------- mask
@@ -229,6 +239,7 @@ def train(cfg: TrainConfig) -> str:
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     autocast_dtype = weight_dtype if cfg.mixed_precision != "no" else None
     pipe, unet, frozen_unet, whole_copy = load_models(cfg, device, sharded, weight_dtype, autocast_dtype)
+    host_peak_load = sharding.host_peak_bytes()  # this process's peak host memory while loading the models
     if whole_copy:
         notes.append(whole_copy)
         logger.warning(whole_copy)
@@ -312,7 +323,7 @@ def train(cfg: TrainConfig) -> str:
 
     record = {}
     if sharded:  # every process takes part in gathering the weights and the sizes; the main one keeps them
-        record["sharding"] = sizes.record(accelerator, optimizer_state_bytes(optimizer)) | {
+        record["sharding"] = sizes.record(accelerator, optimizer_state_bytes(optimizer), host_peak_load) | {
             "loaded": "each process a whole copy, then sharded" if whole_copy else "each process its rows of the safetensors files"}
         state = sharding.full_state_dict(unet, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -321,7 +332,8 @@ def train(cfg: TrainConfig) -> str:
             "final_losses": logs,
             "seconds": {"data": seconds_data, "mask": seconds_mask, "train": seconds_train},
             "peak_memory_gib": peaks,
-            "peak_host_memory_gib": sharding.host_peak_bytes() / 2**30,  # the main process's, before saving
+            # the main process's peak host memory while loading the models, and over the whole run before saving
+            "peak_host_memory_gib": {"load": host_peak_load / 2**30, "run": sharding.host_peak_bytes() / 2**30},
             "resumed_from": checkpoint,
             "optimizer": {"state": cfg.optimizer_state, "state_bytes": optimizer_state_bytes(optimizer)},
         }

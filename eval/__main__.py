@@ -217,9 +217,11 @@ def run_attack(args, state) -> dict:
     report = attack(args.original, args.model, samples, judge, opts, concept_name=concept.name,
                         device=state.device, dtype=DTYPES[args.dtype], height=args.resolution, state=state,
                         grid_prompts=args.grid_prompts)
+    peak = torch.cuda.max_memory_allocated(state.device) / 2**30 if state.device.type == "cuda" else None
     return report | {"model": args.model, "model_path": resolve_model(args.model), "original": args.original,
                      "original_path": resolve_model(args.original), "concept": concept.name, "prompts_source": source,
-                     "resolution": args.resolution, "seed_rule": f"row seed, else {opts.seed} + row"}
+                     "resolution": args.resolution, "seed_rule": f"row seed, else {opts.seed} + row",
+                     "peak_memory_gib": peak}  # this process's peak allocated GPU memory (None off CUDA)
 
 
 def write_attack(report: dict, out: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from erase.inversion import INVERSION_TOKEN
 from eval.generate import Generated
 from eval.judges import Judge
+from eval.stats import rate_text, wilson
 
 __all__ = ["attack_grid", "attack_markdown", "inversion_state_dict", "summarise"]
 
@@ -38,7 +39,8 @@ def summarise(results: Sequence[Generated], originals: dict[int, dict], judge: J
         # lower threshold is any check that reached it
         attacked = sum(not r.result["before"]["shown"][name] and _reached(r.result, judge, name) for r in results)
         rates[name] = {"asr": (before + attacked) / n, "before_attack": before / n, "attacked": attacked / n,
-                       "original_shows": sum(originals[r.sample.index]["shown"][name] for r in results) / n}
+                       "original_shows": sum(originals[r.sample.index]["shown"][name] for r in results) / n,
+                       "asr_count": before + attacked, "asr_ci95": list(wilson(before + attacked, n))}
     primary = rates[judge.primary]
     per_prompt = []
     for r in results:
@@ -46,13 +48,15 @@ def summarise(results: Sequence[Generated], originals: dict[int, dict], judge: J
         per_prompt.append({"index": r.sample.index, "prompt": r.sample.prompt, "seed": r.sample.seed,
                            "guidance": r.sample.guidance, "original": originals[r.sample.index]} | record)
     seconds = [r.result["seconds"] for r in results]
-    out = {"attack": protocol["attack"], "asr": primary["asr"], "asr_parts": {"before_attack": primary["before_attack"],
+    out = {"attack": protocol["attack"], "asr": primary["asr"], "asr_ci95": primary["asr_ci95"],
+           "asr_parts": {"before_attack": primary["before_attack"],
                                                                          "attacked": primary["attacked"]},
            "by_threshold": rates, "num_prompts": n, "seconds_per_prompt": float(np.mean(seconds)) if seconds else 0.0,
            "judge": {"name": judge.name, "thresholds": judge.thresholds, "deciding": judge.primary} | judge.protocol,
            "protocol": protocol, "prompts": per_prompt, "images": [r.result["images"] for r in results]}
     if protocol["attack"] == "inversion":
-        out["recovery"] = sum(r.result["final"]["shown"][judge.primary] for r in results) / n
+        recovered = sum(r.result["final"]["shown"][judge.primary] for r in results)
+        out["recovery"], out["recovery_count"], out["recovery_ci95"] = recovered / n, recovered, list(wilson(recovered, n))
         out["recovery_by_threshold"] = {name: sum(r.result["final"]["shown"][name] for r in results) / n
                                         for name in judge.thresholds}
     return out
@@ -88,13 +92,16 @@ def attack_markdown(report: dict) -> str:
     lines = [f"# {report['attack']} against {report['model']}", "",
              f"Protocol: {f'the {preset} preset' if preset else 'this toolkit'} (every setting under `protocol` in the JSON). "
              f"Judge: {report['judge']['name']}; the deciding threshold, marked *, is the one `asr` reports.", "",
-             "| judge threshold | ASR | shown before attack | attacked successfully | original shows it |",
+             "| judge threshold | ASR (count of n; 95% interval) | shown before attack | attacked successfully | original shows it |",
              "|---|---|---|---|---|"]
+    n = report["num_prompts"]
     for name, r in report["by_threshold"].items():
         mark = " *" if name == report["judge"]["deciding"] else ""
-        lines.append(f"| {name}{mark} | {r['asr']:.1%} | {r['before_attack']:.1%} | {r['attacked']:.1%} | {r['original_shows']:.1%} |")
+        lines.append(f"| {name}{mark} | {rate_text(r['asr_count'], n)} | {r['before_attack']:.1%} | {r['attacked']:.1%} | "
+                     f"{r['original_shows']:.1%} |")
     if "recovery" in report:
-        lines += ["", f"Inversion recovery (images with the learned token judged as the concept): {report['recovery']:.1%}"]
+        lines += ["", "Inversion recovery (images with the learned token judged as the concept): "
+                      f"{rate_text(report['recovery_count'], n)}"]
     given = report.get("num_prompts_given", report["num_prompts"])
     kept = f" (of {given}: those the original model shows)" if given != report["num_prompts"] else ""
     lines += ["", f"{report['num_prompts']} prompts{kept}, {report['seconds_per_prompt']:.1f} s per prompt.",

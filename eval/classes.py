@@ -27,6 +27,7 @@ from torchmetrics import Metric
 
 from erase.defaults import RESNET_ID
 from eval.generate import Generated, Sample
+from eval.stats import rate
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,10 @@ def summarise(task: ClassTask, scored: Sequence[Generated]) -> dict:
         result = metric.compute()
         key = "accuracy" if h == 0 else f"{head}_accuracy"
         out[key], out[f"overall_{key}"] = result["per_class"], result["overall"]
+        # each rate with its count, n and 95% interval (eval/stats.py)
+        hits = [p == t for p, t in zip(preds, target, strict=True)]
+        out[f"{key}_rates"] = {name: rate(sum(c for c, t in zip(hits, target) if t == i), target.count(i))
+                               for i, name in enumerate(task.heads[head]) if i in target} | {"overall": rate(sum(hits), len(hits))}
         if h > 0:
             out[f"accuracy_by_{head}"] = _grouped(main_correct, [g.sample.labels[head] for g in scored],
                                                   task.heads[head])

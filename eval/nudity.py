@@ -28,6 +28,7 @@ from PIL import Image
 from torchmetrics import Metric
 
 from eval.generate import Generated, Sample
+from eval.stats import wilson
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def summarise(per_image: Sequence[dict[str, int]]) -> dict:
     images_with = {label: sum(c[label] > 0 for c in per_image) for label in labels}
     flagged = sum(any(c.values()) for c in per_image)
     return {"counts": counts, "images_with_label": images_with, "flagged_images": flagged,
-            "num_images": len(per_image), "flagged_fraction": flagged / len(per_image) if per_image else 0.0}
+            "num_images": len(per_image), "flagged_fraction": flagged / len(per_image) if per_image else 0.0,
+            "flagged_ci95": list(wilson(flagged, len(per_image)))}
 
 
 # ----------------------------------------------------------------------------- the detector

@@ -96,11 +96,24 @@ def test_the_inner_attack_lowers_its_loss_on_the_current_weights(digits_pipe) ->
 
 @pytest.mark.parametrize("method", ["salun", "esd-x"])
 def test_an_adversarial_run_keeps_masked_out_and_frozen_weights_and_records_its_settings(method: str, tiny_sd_path: Path,
-                                                                                          tmp_path: Path) -> None:
+                                                                                          tmp_path: Path, monkeypatch) -> None:
+    """... and every outer step trains the doubled half of its forget batch under the inner attack's
+    captions, not under the clean prompts again (what the outer step's batches are watched for)."""
+    import erase.erasure
+
+    halves = []
+
+    def watched(forget, adversarial):
+        halves.append((forget["encoder_hidden_states"], adversarial))
+        return with_adversarial(forget, adversarial)
+
+    monkeypatch.setattr(erase.erasure, "with_adversarial", watched)
     out = tmp_path / "out"
     proc = run_train(["--concept", "nudity", "--method", method, "--adversarial", "--adversarial-every", "2", "--adversarial-steps", "2",
                       "--adversarial-vectors", "3", "--logging-steps", "1", *small_run(tiny_sd_path, out, tmp_path / "cache")])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    hidden = lambda c: c.hidden_states if isinstance(c, Conditioning) else c  # noqa: E731
+    assert len(halves) == 3 and all((hidden(clean) - hidden(adv)).abs().max() > 1e-3 for clean, adv in halves)
     check_erasure(tiny_sd_path, out)
     record = json.loads((out / "erase_config.json").read_text())
     adversarial = record["adversarial"]

@@ -171,7 +171,11 @@ def test_a_folder_that_erased_several_concepts_leads_with_a_prompt_of_each(tmp_p
     assert [c["name"] for c in app.erased_concepts(str(erased))] == ["seven", "red"]
     examples = app.example_prompts("digits", str(erased))
     assert examples[:4] == [seven.forget[0], seven.eval[0], red.forget[0], red.eval[0]], examples
-    assert app.erased_concepts(str(tmp_path / "none")) == []
+    assert app.erased_concepts(str(tmp_path / "none")) == []  # a folder erased elsewhere: no record, no concepts
+    for damaged in ("{not json", "[]", '{"config": {}}'):  # a record that is there and unreadable is refused
+        (erased / "erase_config.json").write_text(damaged)
+        with pytest.raises(ValueError, match="erase_config.json cannot be read"):
+            app.erased_concepts(str(erased))
 
 
 @pytest.mark.skipif(find_chromium() is None and not os.environ.get("CI"),

@@ -86,10 +86,12 @@ def run_cli(args: list, env_threads: str = "1", launch: int | None = None, port:
     return subprocess.run(command + [str(a) for a in args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+ATTACK_FLAGS = {"unlearndiffatk": ["--k", "2", "--iterations", "2", "--timesteps", "2"], "inversion": ["--inversion-steps", "3"]}
+
+
 def attack_args(model: Path, attack: str, out: Path) -> list:
     return ["attack", "--model", model, "--original", model, "--attack", attack, "--concept", "seven", "--limit", "3",
-            "--k", "2", "--iterations", "2", "--timesteps", "2", "--inversion-steps", "3", "--steps", "2",
-            "--out", out]
+            *ATTACK_FLAGS[attack], "--steps", "2", "--out", out]
 
 
 @pytest.mark.parametrize("attack", ["unlearndiffatk", "inversion"])
@@ -149,9 +151,9 @@ def test_both_attacks_find_the_digit_on_the_unerased_model(tmp_path):
     """The sanity row of bench/attack_digits.py: on the model nothing was erased from, >= 90% of prompts."""
     for attack in ("unlearndiffatk", "inversion"):
         out = tmp_path / f"{attack}.json"
+        flags = ["--iterations", "10", "--timesteps", "4"] if attack == "unlearndiffatk" else ["--inversion-steps", "300"]
         proc = run_cli(["attack", "--model", "digits", "--original", "digits", "--attack", attack, "--concept", "seven",
-                        "--limit", "8", "--iterations", "10", "--timesteps", "4", "--inversion-steps", "300",
-                        "--out", out], env_threads="2")
+                        "--limit", "8", *flags, "--out", out], env_threads="2")
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(out.read_text())
         assert report["asr"] >= 0.9
@@ -161,7 +163,8 @@ def test_both_attacks_find_the_digit_on_the_unerased_model(tmp_path):
 
 @pytest.mark.parametrize("family", ["sdxl", "sd2"])
 def test_both_attacks_run_on_every_family(family, tiny_family_paths):
-    """SDXL (two text encoders, pooled embeddings) and SD 2.x (v-prediction) go through the same code."""
+    """SDXL (two text encoders, pooled embeddings; here with gradient checkpointing) and SD 2.x
+    (v-prediction) go through the same code."""
     from eval.attack import run_attack
 
     path = str(tiny_family_paths[family])
@@ -169,9 +172,11 @@ def test_both_attacks_run_on_every_family(family, tiny_family_paths):
     for attack in ("unlearndiffatk", "inversion"):
         # not shown by the original's or the erased model's own image (calls 1, 2); shown under attack
         judge = Judge("from the third image", _FromCall(3), {"shown": 0.5})
-        opts = AttackOptions(attack=attack, k=2, iterations=2, timesteps=2, inversion_steps=2, num_inference_steps=2)
+        opts = AttackOptions(attack=attack, k=2, iterations=2, timesteps=2, inversion_steps=2, num_inference_steps=2,
+                             gradient_checkpointing=family == "sdxl")  # the same result, activations recomputed
         report = run_attack(path, path, samples, judge, opts, concept_name="seven")
         record = report["prompts"][0]
+        assert report["protocol"]["gradient_checkpointing"] is (family == "sdxl")
         assert report["asr"] == 1.0 and report["asr_parts"] == {"before_attack": 0.0, "attacked": 1.0}
         assert record["attacked"] is True and report["by_threshold"]["shown"]["original_shows"] == 0.0
         if attack == "unlearndiffatk":
@@ -196,8 +201,9 @@ def test_presets_follow_the_published_protocols():
             pham.inversion_weight_decay, pham.inversion_init, pham.inversion_flip, pham.inversion_heldout) == (
         5000, 16, 0.08, 1e-2, "nudity", True, True)
     # digits are not mirror-symmetric: no flips for them, unless asked for
-    assert not AttackOptions.from_preset({"preset": "pham"}, judge="digits", concept_name="seven").inversion_flip
-    assert AttackOptions.from_preset({"preset": "pham", "inversion_flip": True}, judge="digits", concept_name="seven").inversion_flip
+    assert not AttackOptions.from_preset({"preset": "pham", "attack": "inversion"}, judge="digits", concept_name="seven").inversion_flip
+    assert AttackOptions.from_preset({"preset": "pham", "attack": "inversion", "inversion_flip": True}, judge="digits",
+                                     concept_name="seven").inversion_flip
     plain = AttackOptions.from_preset({}, judge="nudenet", concept_name="nudity")
     assert plain == AttackOptions()
     with pytest.raises(ValueError, match="no threshold"):

@@ -81,7 +81,7 @@ print(json.dumps(report))
 def perturb(pipe, seed: int = 0, biases: bool = False, vae: bool = False) -> None:
     """An erasure's footprint without training: the cross-attention keys and values move as UCE moves
     them (whole tensors), every other UNet weight in 30% of its entries as under a SalUn mask, and three
-    text-encoder projections; optionally the UNet's biases and norms (no LoRA carries those) or the VAE."""
+    text-encoder projections (of each encoder); optionally the UNet's biases and norms (no LoRA carries those) or the VAE."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
@@ -90,9 +90,10 @@ def perturb(pipe, seed: int = 0, biases: bool = False, vae: bool = False) -> Non
                 p += noise
             elif p.ndim >= 2 or biases:
                 p += noise * (torch.rand(p.shape, generator=generator) < 0.3)
-        for name, p in pipe.text_encoder.named_parameters():
-            if name.endswith(("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.out_proj.weight", "layers.1.mlp.fc1.weight")):
-                p += torch.randn(p.shape, generator=generator) * 0.1
+        for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # SDXL: both encoders
+            for name, p in encoder.named_parameters() if encoder is not None else []:
+                if name.endswith(("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.out_proj.weight", "layers.1.mlp.fc1.weight")):
+                    p += torch.randn(p.shape, generator=generator) * 0.1
         if vae:
             pipe.vae.decoder.conv_out.weight.mul_(1.5)
 
@@ -436,6 +437,19 @@ def test_a_small_rank_of_a_large_change_takes_the_randomized_svd_and_matches_the
     error = float((delta.double() - up.double() @ down.double()).square().sum())  # in float64: the residual is small
     optimum = float(spectrum[8:].square().sum())
     assert optimum <= error <= 1.001 * optimum  # Eckart-Young: no rank-8 matrix does better
+
+
+def test_sdxl_kohya_loras_name_each_text_encoder_by_its_own_prefix(tmp_path):
+    """kohya's SDXL layout: lora_te1_ for the first text encoder (CLIP ViT-L, 32 wide here), lora_te2_ for
+    the second (bigG, 48 wide); swapped, a loader applies each encoder's change to the other."""
+    build_tiny_sdxl_two_widths().save_pretrained(tmp_path / "sdxl", safe_serialization=True)
+    erased = make_erased(tmp_path / "sdxl", tmp_path / "erased")
+    path = export(erased, tmp_path / "kohya.safetensors", "--format", "lora", "--rank", "full", "--layout", "kohya")
+    with safe_open(str(path), "pt") as f:
+        downs = {k.split(".")[0]: f.get_tensor(k).shape for k in f.keys() if k.endswith("lora_down.weight")}
+    q = "_text_model_encoder_layers_0_self_attn_q_proj"
+    assert downs[f"lora_te1{q}"][1] == 32 and downs[f"lora_te2{q}"][1] == 48, {k: v for k, v in downs.items() if "_te" in k}
+    assert not any(k.startswith("lora_te_") for k in downs)
 
 
 def test_sdxl_kohya_loras_name_layers_as_kohya_does(tiny_family_paths, tmp_path):

@@ -98,6 +98,20 @@ CASES = [
      "applies to --adversarial salun and rl"),
     (train_main, lambda m, o: train_args(m, o) + ["--adversarial", "--adversarial-trains", "both", "--optimizer-state", "masked"],
      "does not train text encoders"),
+    # options the run would not use are refused, not ignored (the table in docs/options.md)
+    (train_main, lambda m, o: train_args(m, o) + ["--uce-lambda", "0.2"], "--uce-lambda applies to uce, not salun"),
+    (train_main, lambda m, o: train_args(m, o) + ["--eta", "2"], "--eta applies to esd-x and esd-u, not salun"),
+    (train_main, lambda m, o: train_args(m, o) + ["--adversarial-vectors", "8"], "applies with --adversarial only"),
+    (train_main, lambda m, o: train_args(m, o) + ["--adversarial-mask", "both"], "applies with --adversarial only"),
+    (train_main, lambda m, o: train_args(m, o)[:-4] + ["--method", "uce", "--optimizer-state", "masked"], "uce edits in closed form"),
+    (train_main, lambda m, o: train_args(m, o)[:-4] + ["--method", "uce", "--learning-rate", "1e-4"], "uce edits in closed form"),
+    (train_main, lambda m, o: train_args(m, o) + ["--method", "uce"], "--max-train-steps applies to the methods that train"),
+    (eval_main, lambda m, o: ["attack", "--model", str(m), "--original", str(m), "--attack", "unlearndiffatk", "--concept", "seven",
+                              "--preset", "pham", "--out", str(o / "a.json")], "--preset pham is a protocol of the inversion attack"),
+    (eval_main, lambda m, o: ["attack", "--model", str(m), "--original", str(m), "--attack", "inversion", "--concept", "seven",
+                              "--k", "3", "--out", str(o / "a.json")], "--k applies to the unlearndiffatk attack, not inversion"),
+    (eval_main, lambda m, o: ["attack", "--model", str(m), "--original", str(m), "--attack", "unlearndiffatk", "--concept", "seven",
+                              "--inversion-vectors", "4", "--out", str(o / "a.json")], "applies to the inversion attack"),
     (digits_main, lambda m, o: ["--train", "--max-train-steps", "0", "--output-dir", str(o / "d")], "must be >= 1"),
     (digits_main, lambda m, o: [], "nothing to do"),
     (train_main, lambda m, o: train_args(m, o) + ["--method", "esd-x", "--mask", str(o / BLOCKER)], "apply to salun only"),
@@ -220,6 +234,37 @@ def test_a_failure_at_run_time_is_one_line_and_exit_1(tiny_sd_path: Path, tmp_pa
                    capsys)
     assert rc == 1 and err.count("\n") == 1 and err.startswith("error:"), err
     assert not (tmp_path / "f.json").exists()
+
+
+def test_compare_asked_for_inception_fid_without_torch_fidelity_exits_1_before_generating(tiny_sd_path: Path, tmp_path: Path,
+                                                                                         monkeypatch, capsys) -> None:
+    """A report that asks for FID is not written without it (it said "fid: skipped" and exited 0)."""
+    from eval import fid
+
+    monkeypatch.setattr(fid, "inception_available", lambda: False)
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    start = time.perf_counter()
+    rc, err = call(eval_main, ["compare", str(tiny_sd_path), str(tiny_sd_path), "--prompts", str(tmp_path / "prompts.txt"),
+                               "--metrics", "nudity,fid", "--out", str(tmp_path / "report")], capsys)
+    assert rc == 1 and err.count("\n") == 1 and "pip install 'erase[fid]'" in err, err
+    assert time.perf_counter() - start < 5 and not (tmp_path / "report").exists()
+
+
+def test_a_typo_in_a_concepts_recipe_is_refused(monkeypatch, tmp_path: Path, capsys) -> None:
+    """A concept file's `train:` recipe (and its `adversarial:` part) takes erase/train.py's options; an
+    unknown key was dropped without a word."""
+    import dataclasses
+
+    import erase.train
+    from erase.concepts import load_concept
+
+    seven = load_concept("seven")
+    for typo in ({"learnig_rate": 1e-3}, {"adversarial": {"betta": 3.0}}):
+        monkeypatch.setattr(erase.train, "load_concept", lambda name, typo=typo: dataclasses.replace(seven, train={**seven.train, **typo}))
+        rc, err = call(train_main, ["--model", "digits", "--concept", "seven", "--output-dir", str(tmp_path / "o")], capsys)
+        key = next(iter(typo["adversarial"] if "adversarial" in typo else typo))
+        assert rc == 2 and f"unknown option {key!r} in its train: recipe" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_launch_that_lost_its_processes_refuses(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -124,3 +124,29 @@ def test_several_vectors_load_with_diffusers_own_loader_as_one_multi_vector_toke
         expected = encode_prompts(ours, [f"a red handwritten digit {settings.phrase}"]).hidden_states
     prompt = plain.maybe_convert_prompt("a red handwritten digit <erased-concept>", plain.tokenizer)
     torch.testing.assert_close(encode_prompts(plain, [prompt]).hidden_states, expected, rtol=0, atol=0)
+
+
+def test_an_fp16_attack_scales_its_loss_where_the_gradient_would_underflow(tiny_sd_path):
+    """Under fp16 the gradient that reaches the vectors through the UNet's cross-attention is a small
+    number in half precision: with the keys and values scaled by 1e-4 every entry underflows to 0
+    (measured: 32 of 32) and an unscaled attack never moves. Both attacks scale the loss as GradScaler
+    does under fp16, and only under fp16."""
+    from erase.inversion import loss_scaler, starting_vectors, train_inversion
+    from erase.sd import encode_images, generate, load_pipeline
+    from erase.tokens import PlaceholderTokens
+
+    full = load_pipeline(str(tiny_sd_path))
+    latents = encode_images(full, generate(full, ["a photo of a nude person"] * 2, [0, 1], 2, 5.0)).half()
+    pipe = load_pipeline(str(tiny_sd_path), dtype=torch.float16)
+    assert loss_scaler(pipe).is_enabled() and not loss_scaler(full).is_enabled()
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "attn2.to_k" in name or "attn2.to_v" in name:
+                p.mul_(1e-4)
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+        part.requires_grad_(False)
+    settings = InversionSettings(steps=2, batch_size=2, lr=0.05)
+    with PlaceholderTokens(pipe, settings.tokens) as place:
+        (start,) = starting_vectors(place, 1)
+    (vectors,), _ = train_inversion(pipe, latents, inversion_captions(["a photo of a nude person"] * 2, "nude", settings.phrase), settings)
+    assert torch.isfinite(vectors).all() and bool((vectors != start).all())

@@ -57,3 +57,44 @@ def test_an_erasure_with_masked_state_equals_the_dense_one_and_holds_about_half(
     assert all(torch.equal(a[k], b[k]) for k in a)
     ratio = records["masked"]["state_bytes"] / records["dense"]["state_bytes"]
     assert 0.45 < ratio < 0.6, records
+
+
+def test_masked_adam_resumes_from_its_state_dict_to_the_bit(tmp_path: Path) -> None:
+    """What a checkpoint holds (accelerate's save_state writes the optimizer's state_dict, safetensors
+    here): 2 steps, saved, a fresh model and optimizer loaded, 2 more steps equal 4 uninterrupted steps;
+    a checkpoint without the moments would restart Adam and differ."""
+    from safetensors.torch import load_file, save_file
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        g = torch.Generator().manual_seed(1)
+        return model, MaskedAdam(model, {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in model.named_parameters()}, lr=1e-2)
+
+    def steps(model, optimizer, first: int, last: int) -> None:
+        for step in range(first, last):
+            x = torch.randn(8, 8, generator=torch.Generator().manual_seed(step))
+            optimizer.zero_grad(set_to_none=True)
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+
+    whole, whole_opt = build()
+    steps(whole, whole_opt, 0, 4)
+    first, first_opt = build()
+    steps(first, first_opt, 0, 2)
+    state = first_opt.state_dict()
+    flat = {f"{i}.{k}": v.reshape(1) if v.dim() == 0 else v for i, s in state["state"].items() for k, v in s.items()}
+    save_file(flat, str(tmp_path / "optimizer.safetensors"))
+    save_file({k: v.contiguous() for k, v in first.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    resumed, resumed_opt = build()
+    resumed.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    saved = load_file(str(tmp_path / "optimizer.safetensors"))
+    assert saved, "the checkpoint holds no optimizer state"
+    by_index = {}
+    for key, value in saved.items():
+        index, name = key.split(".", 1)
+        by_index.setdefault(int(index), {})[name] = value.reshape(()) if name == "step" else value
+    resumed_opt.load_state_dict({"state": by_index, "param_groups": state["param_groups"]})
+    steps(resumed, resumed_opt, 2, 4)
+    for (n, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), n

@@ -81,3 +81,49 @@ def test_every_table_of_figures_names_its_results_file():
             heading = table["section"].splitlines()[0] if table["section"] else "(no heading)"
             missing.append(f"README.md:{table['line']} under {heading!r}")
     assert not missing, "tables of figures whose section names no existing results file:\n" + "\n".join(missing)
+
+
+FIGURE = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def file_values(names: list[str]) -> set[float]:
+    """Every number written in the named results files (and in the JSON beside a named .md)."""
+    values = set()
+    for name in names:
+        paths = [ROOT / name] + ([ROOT / name.replace(".md", ".json")] if name.endswith(".md") else [])
+        for path in paths:
+            if path.is_file():
+                values |= {float(m.replace(",", "")) for m in FIGURE.findall(path.read_text())}
+    return values
+
+
+def shown(figure: str, values: set[float]) -> bool:
+    """`figure` as a table shows it (its decimals) is one of `values`: as it is, as a percentage of a
+    fraction, or a KiB figure in MiB."""
+    x, decimals = float(figure.replace(",", "")), len(figure.split(".")[1]) if "." in figure else 0
+    return any(abs(v * scale - x) <= 0.5 * 10**-decimals + 1e-9 for v in values for scale in (1, 100, 1 / 1024))
+
+
+def test_every_figure_in_a_table_is_in_its_results_file():
+    """Changing a number in a README table fails: each one is in the results file(s) its section names."""
+    assert not shown("12.5", {0.126}) and shown("12.6", {0.126}) and shown("1.36", {1394.0}) and shown("1,000", {1000.0})
+    wrong = {}
+    for table in tables(README.read_text()):
+        if not has_figures(table["cells"]):
+            continue
+        values = file_values([n for n in named_files(table["section"]) if (ROOT / n).is_file()])
+        cells = [CODE_SPAN.sub("", cell).replace("/ 255", "") for cell in table["cells"]]  # 8-bit pixel scale, not a figure
+        missing = sorted({n for cell in cells for n in FIGURE.findall(cell) if NUMBER.search(n) and not shown(n, values)})
+        if missing:
+            wrong[f"README.md line {table['line']}"] = missing
+    assert not wrong, wrong
+
+
+def test_the_option_tables_are_rendered_from_the_parsers_declarations():
+    """docs/options.md is what docs/render_options.py writes now (run it after changing an option)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_options", ROOT / "docs" / "render_options.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "options.md").read_text() == module.render(), "docs/options.md is stale: run python docs/render_options.py"

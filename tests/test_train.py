@@ -29,9 +29,34 @@ def small_run(model: Path, out: Path, cache: Path, *extra: str) -> list[str]:
     ]
 
 
+# the small-run flags the test helpers pass to every method; erase/train.py refuses the ones a method does not use
+SHARED_FLAGS = {"--saliency-batch-size", "--beta", "--num-images", "--generation-steps", "--train-batch-size", "--max-train-steps",
+                "--learning-rate", "--cache-dir", "--resolution", "--checkpointing-steps"}
+
+
+def for_method(args: list[str]) -> list[str]:
+    """`args` less the shared small-run flags that the run's method would refuse (docs/options.md)."""
+    import dataclasses
+
+    from erase.erasure import TrainConfig
+
+    method = args[args.index("--method") + 1] if "--method" in args else "salun"
+    methods = {"--" + f.name.replace("_", "-"): f.metadata.get("methods") for f in dataclasses.fields(TrainConfig)}
+    out, i = [], 0
+    while i < len(args):
+        if args[i] in SHARED_FLAGS and methods[args[i]] and method not in methods[args[i]]:
+            i += 2  # the flag and its value
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
 def run_train(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """erase/train.py with `args`: under `launcher` in its own process(es), else in this process
-    (the same main, without the seconds of importing torch and diffusers again)."""
+    """erase/train.py with `args` (the shared small-run flags kept where the method uses them): under
+    `launcher` in its own process(es), else in this process (the same main, without the seconds of
+    importing torch and diffusers again)."""
+    args = for_method(args)
     if launcher is None:
         return train_in_process(args)
     cmd = launcher + [TRAIN, *args]
@@ -181,10 +206,14 @@ def kill_after_checkpoint(args: list[str], out: Path, step: int = 2) -> None:
 
 @pytest.mark.parametrize("family", ["sd1", "sd1-adversarial", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_path: Path) -> None:
-    """Killed after a checkpoint and resumed: the same weights as the uninterrupted run. Adversarial:
-    rounds at steps 0, 3, 6, so a resume at 2 or 4 rebuilds the adversarial prompts from the saved vectors."""
+    """Killed after a checkpoint and resumed: the same weights as the uninterrupted run. SD 1.x with
+    Adam's moments for the mask's entries only (a checkpoint that dropped them restarts Adam); adversarial
+    (dense state): rounds at steps 0, 3, 6, so a resume at 2 or 4 rebuilds the adversarial prompts from
+    the saved vectors."""
     model = request.getfixturevalue("tiny_sd_path") if family.startswith("sd1") else request.getfixturevalue("tiny_family_paths")["sdxl"]
     common = ["--concept", "nudity", "--checkpointing-steps", "2"]
+    if family == "sd1":
+        common += ["--optimizer-state", "masked"]
     if family == "sd1-adversarial":
         common += ["--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", "--adversarial-vectors", "2",
                    "--adversarial-trains", "both"]  # the text encoder's weights and moments come back too
@@ -289,6 +318,10 @@ def test_several_concepts_in_one_run(tiny_sd_path: Path, tmp_path: Path) -> None
     record = json.loads((out / "erase_config.json").read_text())
     assert record["config"]["concept"] == ["seven", "red"] and [c["name"] for c in record["concepts"]] == ["seven", "red"]
     assert record["concept"]["name"] == "seven+red" and "erased seven + red with esd-x" in proc.stdout
+    from safetensors import safe_open
+
+    with safe_open(str(out / "saliency_mask.safetensors"), "pt") as f:  # the mask is the run's, of both concepts
+        assert f.metadata()["concept"] == "seven+red"
 
 
 @pytest.mark.parametrize(
