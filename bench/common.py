@@ -36,8 +36,21 @@ def machine(threads: int | None = None) -> str:
     return f"{platform.machine()}, {cores}, torch {torch.__version__}"
 
 
+def commit() -> str:
+    """The checkout's commit (`-dirty` with uncommitted changes), as results files record it."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def save_results(result: dict, out: str | os.PathLike, markdown: str) -> None:
-    """The JSON at `out` (atomically) and its Markdown table beside it, as .md."""
+    """The JSON at `out` (atomically; with the commit it ran on, unless it says) and its Markdown table
+    beside it, as .md."""
+    result.setdefault("commit", commit())
     write_json(result, str(out))
     Path(out).with_suffix(".md").write_text(markdown)
 

@@ -85,8 +85,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {row['processes']} | {row['loaded']} | {row['unet_gib_per_process']:.2f} | {load} | {run} | "
                      f"{row['seconds']:.1f} |")
     lines += ["", "Loading: each process's peak resident memory (getrusage) up to the end of loading the pipeline; whole "
-              "run: up to the end of training, before saving (Adam's dense state for the trained weights is 2x their "
-              "bytes, so from 4 processes on the training state per process is smaller than one whole fp32 copy).",
+              "run: up to the end of training, before saving (weights, gradients and Adam's two moments are 4x the trained "
+              "weights' bytes, 1/N per process: from 4 processes on no more than one whole fp32 copy). One process's "
+              "loading peak is low because diffusers maps the safetensors file and pages come in as they are touched.",
               "", f"Machine: {r['machine']}. Command: `{r['command']}`.", ""]
     return "\n".join(lines)
 

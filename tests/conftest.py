@@ -276,3 +276,11 @@ def i2p_csv(tmp_path) -> Path:
         writer.writerows(I2P_ROWS)
     return path
 
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launched run's rendezvous (tests may run in parallel)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 I2P_ROWS = [  # I2P format: the evaluation columns, a missing seed, a missing guidance, quoted commas
@@ -69,6 +70,6 @@ def launch_two(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29531", "-m", "eval"]
+              "--main_process_port", str(free_port()), "-m", "eval"]
     return subprocess.run(launch + [str(a) for a in args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from erase.tokens import PlaceholderTokens, sweep_timesteps
 from eval.attack import AttackOptions, unlearndiffatk
@@ -75,14 +76,14 @@ def test_the_attack_lowers_its_loss(digits_pipe):
 # ----------------------------------------------------------------------------- the command
 
 
-def run_cli(args: list, env_threads: str = "1", launch: int | None = None, port: int = 29541) -> subprocess.CompletedProcess:
+def run_cli(args: list, env_threads: str = "1", launch: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": env_threads, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "eval"]
     if launch:
         env["ACCELERATE_USE_CPU"] = "1"
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(launch),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(port), "-m", "eval"]
+                   "--main_process_port", str(free_port()), "-m", "eval"]
     return subprocess.run(command + [str(a) for a in args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

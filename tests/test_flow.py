@@ -312,7 +312,7 @@ def test_two_processes_give_the_one_process_mask_on_sd3(tiny_flow_paths, tmp_pat
                                "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), *more]
     one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_train(args(tmp_path / "two"), launcher=launch(2, 29549))
+    two = run_train(args(tmp_path / "two"), launcher=launch(2))
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "erase_config.json").read_text())["num_processes"] == 2
     m1, m2 = load_mask(tmp_path / "one" / "saliency_mask.safetensors"), load_mask(tmp_path / "two" / "saliency_mask.safetensors")
@@ -336,7 +336,7 @@ def test_two_sharded_processes_give_the_one_process_mask_on_flux(tiny_flow_paths
                                       "16", "--optimizer-state", "masked", "--output-dir", str(out), "--cache-dir", str(cache), *more]
     one = run_train(args(tmp_path / "one", tmp_path / "cache1", "--gradient-accumulation-steps", "2"))
     assert one.returncode == 0, one.stderr[-3000:]
-    sharded = run_train(args(tmp_path / "sharded", tmp_path / "cache2", "--fsdp"), launcher=launch(2, 29547))
+    sharded = run_train(args(tmp_path / "sharded", tmp_path / "cache2", "--fsdp"), launcher=launch(2))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     check_sharding_record(tmp_path / "sharded", tmp_path / "one")
     assert json.loads((tmp_path / "sharded" / "erase_config.json").read_text())["sharding"]["loaded"] == \

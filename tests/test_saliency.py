@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICES
+from conftest import DEVICES, free_port
 from erase import MaskedUpdate, compute_saliency_mask, global_topk_mask, load_mask, save_mask
 from erase.saliency import pack_bits, select_parameters, unpack_bits
 
@@ -215,7 +215,7 @@ def test_two_process_mask_equals_one_process(tmp_path: Path) -> None:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     runs = {
         1: launch + ["--num_processes", "1"],
-        2: launch + ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29517"],
+        2: launch + ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())],
     }
     masks = {}
     for n, cmd in runs.items():

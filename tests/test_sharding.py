@@ -12,22 +12,25 @@ import psutil
 import pytest
 import torch
 
+from conftest import free_port
+
 from erase.saliency import load_mask
 from test_train import ENV, TRAIN, run_train, small_run, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(processes: int, port: int) -> list[str]:
+def launch(processes: int) -> list[str]:
+    """`accelerate launch` of `processes` CPU processes, their rendezvous on a port free now."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
 
 
 def test_sharded_topk_is_the_one_process_mask(tmp_path: Path) -> None:
     """The global threshold over shards (two histograms summed over processes) and the ties taken in
     the whole tensors' order, with uneven and empty shards."""
     out = tmp_path / "topk.json"
-    proc = subprocess.run(launch(2, 29541) + [str(ROOT / "tests" / "fsdp_topk_script.py"), str(out)], env=ENV,
+    proc = subprocess.run(launch(2) + [str(ROOT / "tests" / "fsdp_topk_script.py"), str(out)], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(out.read_text())
@@ -80,7 +83,7 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
                                 "--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", "--adversarial-pool", "2", *extra]
     one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "4"))
     assert one.returncode == 0, one.stderr[-3000:]
-    plugin = launch(2, 29542) + [str(ROOT / "tests" / "fsdp_plugin_train.py")]
+    plugin = launch(2) + [str(ROOT / "tests" / "fsdp_plugin_train.py")]
     full = subprocess.run(plugin + args(tmp_path / "full", "--fsdp", "--gradient-accumulation-steps", "2"), env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
@@ -98,7 +101,7 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
 
     killed = tmp_path / "killed"
     checkpoint = tmp_path / ".killed.partial" / "checkpoints" / "checkpoint-4"
-    proc = subprocess.Popen(launch(2, 29543) + [TRAIN, *args(killed, "--fsdp", "--gradient-accumulation-steps", "2")], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(launch(2) + [TRAIN, *args(killed, "--fsdp", "--gradient-accumulation-steps", "2")], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not checkpoint.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -114,7 +117,7 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
     assert foreign.returncode != 0 and "one process's rows" in foreign.stderr and not (tmp_path / "other").exists()
 
     resumed = run_train(args(killed, "--fsdp", "--gradient-accumulation-steps", "2", "--resume-from-checkpoint", "latest"),
-                        launcher=launch(2, 29544))
+                        launcher=launch(2))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((killed / "erase_config.json").read_text())["resumed_from"].endswith("checkpoint-4")
     assert compare(tmp_path / "full", killed) == 0.0
@@ -130,7 +133,7 @@ def test_sharded_families_match_one_process(family: str, extra: list[str], tiny_
     args = lambda out, *more: ["--concept", "nudity", *small_run(tiny_family_paths[family], out, tmp_path / "cache"), *extra, *more]  # noqa: E731
     one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
     assert one.returncode == 0, one.stderr[-3000:]
-    sharded = run_train(args(tmp_path / "sharded", "--fsdp"), launcher=launch(2, 29545))
+    sharded = run_train(args(tmp_path / "sharded", "--fsdp"), launcher=launch(2))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     check_sharding_record(tmp_path / "sharded", tmp_path / "one")
     if "bf16" not in extra:
@@ -184,7 +187,7 @@ def test_masked_adam_state_resumes_on_sharded_parameters(tmp_path: Path) -> None
     all in the mask (the moment then has the local shape: re-wrapped as a DTensor, the first step mixed
     Tensor and DTensor and failed); 2 + 2 steps equal 4 to the bit, under rl's mask and salun's."""
     out = tmp_path / "resume.json"
-    proc = subprocess.run(launch(2, 29543) + [str(ROOT / "tests" / "fsdp_masked_resume_script.py"), str(out)], env=ENV,
+    proc = subprocess.run(launch(2) + [str(ROOT / "tests" / "fsdp_masked_resume_script.py"), str(out)], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(out.read_text())

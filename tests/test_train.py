@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from erase.saliency import load_mask
@@ -242,7 +243,7 @@ def test_two_processes_equal_one_with_two_micro_batches(variant: list[str], tiny
     attack, and the encoder's gradients are averaged as DDP averages the UNet's. (The plain run takes
     the same mask and loop code without the adversarial term: slow, to keep the default suite short.)"""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    for n, extra in [(1, ["--num_processes", "1"]), (2, ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29531"])]:
+    for n, extra in [(1, ["--num_processes", "1"]), (2, ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())])]:
         out = tmp_path / f"out{n}"
         micro = ["--gradient-accumulation-steps", "2"] if n == 1 else []
         proc = run_train(["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"), *variant, *micro], launcher=launch + extra)
@@ -266,7 +267,7 @@ def test_processes_share_the_generation_within_a_short_collective_timeout(tiny_s
                                       "--generation-steps", "30", "--max-train-steps", "1", *more]
     one = run_train(args(tmp_path / "one", tmp_path / "cache1"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_train(args(tmp_path / "two", tmp_path / "cache2", "--ddp-timeout", "3"), launcher=launch(2, 29533))
+    two = run_train(args(tmp_path / "two", tmp_path / "cache2", "--ddp-timeout", "3"), launcher=launch(2))
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "erase_config.json").read_text())["num_processes"] == 2
     files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
