@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: test test-all demo bench install
+.PHONY: test test-all lint demo bench install
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# ruff: pyflakes, pycodestyle, import order, 150 columns (pyproject.toml)
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 # two workers, one thread each (tests/conftest.py): on 2 cores 4.5 minutes against 6 one at a time
 test: $(VENV)/.installed

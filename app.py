@@ -16,19 +16,19 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time notes about optional packages
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
-import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
+import gradio as gr
+from PIL import Image
 
-from erase.concepts import available_concepts, concept_file_model, load_concept  # noqa: E402
-from erase.digits import is_digits_model  # noqa: E402
-from erase.command import check_model, default_device, one_line_errors, quiet_libraries, run_command  # noqa: E402
-from erase.sd import generate, load_pipeline, model_kind, sampler_defaults  # noqa: E402
+from erase.command import check_model, default_device, one_line_errors, quiet_libraries, run_command
+from erase.concepts import available_concepts, concept_file_model, load_concept
+from erase.digits import is_digits_model
+from erase.sd import generate, load_pipeline, model_kind, sampler_defaults
 
 DEMO_ERASED = Path(__file__).resolve().parent / "demo" / "seven-erased"
 MAX_STEPS, MAX_IMAGES, MAX_GUIDANCE = 100, 8, 30.0
@@ -126,9 +126,10 @@ def build_app(original: str, erased: str, labeller: Labeller | None = None, devi
                 images = generate(pipes[name], [prompt.strip()] * len(seeds), seeds, int(num_steps), float(guidance_scale))
                 captions = labeller(images) if labels_on and labeller else [f"seed {s}" for s in seeds]
                 galleries.append([(_enlarge(im), caption) for im, caption in zip(images, captions, strict=True)])
-        except Exception as err:  # noqa: BLE001 - the page shows the reason; a traceback helps no visitor
+        except Exception as err:
             return [], [], f"**Generation failed:** {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        return galleries[0], galleries[1], f"*{prompt.strip()}*, seeds {seeds[0]}-{seeds[-1]}, {int(num_steps)} steps, guidance {float(guidance_scale):g}"
+        said = f"*{prompt.strip()}*, seeds {seeds[0]}-{seeds[-1]}, {int(num_steps)} steps, guidance {float(guidance_scale):g}"
+        return galleries[0], galleries[1], said
 
     with gr.Blocks(title="erase: before and after", analytics_enabled=False) as app:
         gone = ", ".join(f"`{c['name']}`" for c in erased_concepts(erased))

@@ -30,8 +30,8 @@ from pathlib import Path
 from erase.concepts import load_concept
 from erase.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from eval.attack import AttackOptions, run_attack
-from eval.judges import judge_for
 from eval.generate import Sample
+from eval.judges import judge_for
 
 from common import machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
 from erase_digits import erase_once, grid_arguments  # the same erasures as bench/erase_digits.py
@@ -77,12 +77,14 @@ def markdown(result: dict) -> str:
         "",
         f"{p['prompts']} prompts per concept (its forget prompts, then held-out paraphrases), one image each, "
         f"{len(result['seeds'])} seeds per method. UnlearnDiffAtk: k = {p['k']} tokens, {p['timesteps']} timesteps "
-        f"x {p['iterations']} Adam iterations (lr 0.01, weight decay {p['weight_decay']}; the reference's 0.1 in its own column), stop at the first image the digits "
+        f"x {p['iterations']} Adam iterations (lr 0.01, weight decay {p['weight_decay']}; the reference's 0.1 in its own column), "
+        "stop at the first image the digits "
         f"classifier judges as the concept. Concept inversion: {p['inversion_steps']} textual-inversion steps on the "
         "original model's images of the prompts, then one image per prompt with the learned token.",
         "Rates in % (mean ± sd over seeds). ASR = shown before attack + attacked successfully.",
         "",
-        "| concept | model | shown before attack | UnlearnDiffAtk ASR | UnlearnDiffAtk ASR, decay 0.1 | inversion recovery | UnlearnDiffAtk s / attacked prompt | inversion training (s) |",
+        "| concept | model | shown before attack | UnlearnDiffAtk ASR | UnlearnDiffAtk ASR, decay 0.1 | inversion recovery | "
+        "UnlearnDiffAtk s / attacked prompt | inversion training (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:

@@ -95,7 +95,8 @@ def main() -> None:
             writer.writerow(["prompt", "evaluation_seed", "evaluation_guidance"])
             writer.writerows([p, i, 7.5] for i, p in enumerate(PROMPTS[: args.prompts]))
         result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing, "tiny": args.tiny, "sizes_millions": sizes, "num_prompts": args.prompts,
+                  "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing, "tiny": args.tiny, "sizes_millions": sizes,
+                  "num_prompts": args.prompts,
                   "timesteps": args.timesteps, "iterations": args.iterations, "inversion_steps": args.inversion_steps,
                   "steps": args.steps, "resolution": 16 if args.tiny else 512, "machine": machine()}
         for name in ("unlearndiffatk", "inversion"):

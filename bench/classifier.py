@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+
 import torch
 
 from erase.classifier import UnlearnConfig, evaluate, load_dataset, parse_forget, train_original, unlearn

@@ -12,7 +12,6 @@ import torch
 
 from erase.atomic import write_json
 
-
 METRICS = ("UA", "RA", "TA", "MIA")  # erase.classifier.evaluate's
 
 
@@ -72,8 +71,8 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str | os.PathL
     xs = sorted({x for points in series.values() for x, _ in points})
     scale = math.log2 if log_x else (lambda x: x)
     lo, hi = scale(min(xs)), scale(max(xs))
-    px = lambda x: left + (w - left - right) * ((scale(x) - lo) / (hi - lo) if hi > lo else 0.5)  # noqa: E731
-    py = lambda y: h - bottom - (h - top - bottom) * y / y_max  # noqa: E731
+    px = lambda x: left + (w - left - right) * ((scale(x) - lo) / (hi - lo) if hi > lo else 0.5)
+    py = lambda y: h - bottom - (h - top - bottom) * y / y_max
     draw.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
     for tick in (0, y_max / 2, y_max):
         draw.text((4, py(tick) - 6), f"{tick:g}", fill="black")

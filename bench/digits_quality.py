@@ -13,17 +13,17 @@ wordings never used in training ("a seven in red"), the classifier on real held-
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from erase.command import versions  # noqa: E402
-from erase.digits import (  # noqa: E402
+from erase.command import versions
+from erase.digits import (
     COLOURS,
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -37,11 +37,11 @@ from erase.digits import (  # noqa: E402
     load_digits_classifier,
     resolve_model,
 )
-from erase.sd import generate, load_pipeline  # noqa: E402
-from eval.classes import class_samples, digits_task, evaluate_classes, summarise  # noqa: E402
-from eval.generate import Generated, Sample, generate_samples  # noqa: E402
+from erase.sd import generate, load_pipeline
+from eval.classes import class_samples, digits_task, evaluate_classes, summarise
+from eval.generate import Generated, Sample, generate_samples
 
-from common import save_results  # noqa: E402  (bench/common.py)
+from common import save_results
 
 # Wordings the model never saw in training (all words are in its vocabulary).
 UNSEEN_WORDINGS = ("a {word} in {colour}", "{colour} {word}")

@@ -20,15 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from erase.concepts import load_concept
-from erase.erasure import METHODS  # every method of erase/train.py, uce included
 from erase.digits import (
-    COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DIGIT_WORDS, classify_images, load_digits_classifier, prompt_for,
+    COLOURS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    DIGIT_WORDS,
+    classify_images,
+    load_digits_classifier,
+    prompt_for,
 )
+from erase.erasure import METHODS  # every method of erase/train.py, uce included
+from erase.sd import generate, load_pipeline
 from eval.classes import digits_task, evaluate_classes
 from eval.generate import Sample
-from erase.sd import generate, load_pipeline
 
 from common import machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
 
@@ -51,7 +56,8 @@ def score(model: str, concept_names: list[str], n: int, classifier) -> dict:
     for name in concept_names:
         concept = load_concept(name)
         texts = [p for p in concept.eval for _ in range(n)]
-        d_pred, c_pred = classify_images(generate(pipe, texts, [s for _ in concept.eval for s in range(n)], DEFAULT_STEPS, DEFAULT_GUIDANCE), classifier)
+        images = generate(pipe, texts, [s for _ in concept.eval for s in range(n)], DEFAULT_STEPS, DEFAULT_GUIDANCE)
+        d_pred, c_pred = classify_images(images, classifier)
         hit = d_pred == concept.target["digit"] if "digit" in concept.target else c_pred == COLOURS.index(concept.target["colour"])
         out["paraphrase_rate"][name] = float(hit.float().mean())
     return out
@@ -107,7 +113,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Erasing from the embedded digits model",
         "",
-        f"{result['images_per_prompt']} images per prompt and seed; {len(result['seeds'])} seeds; DDIM {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}.",
+        f"{result['images_per_prompt']} images per prompt and seed; {len(result['seeds'])} seeds; "
+        f"DDIM {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}.",
         "Rates in %: how often images for the erased concept are still recognised as it (template prompts",
         "and held-out paraphrases), and the mean accuracy on the other digits (or colours) before and after.",
         "Time: the whole `accelerate launch erase/train.py` command (generation cached after the first run).",
@@ -119,11 +126,12 @@ def markdown(result: dict) -> str:
         runs = row["runs"]
         if not runs:
             continue
-        pct = lambda key: mean_std_text([100 * r[key] for r in runs])  # noqa: E731
+        pct = lambda key: mean_std_text([100 * r[key] for r in runs])
         lines.append(
             f"| {row['concept']} | {row['method']} | {pct('template_rate_before')} → {pct('template_rate_after')} | "
             f"{pct('paraphrase_rate_before')} → {pct('paraphrase_rate_after')} | {pct('others_accuracy_before')} → "
-            f"{pct('others_accuracy_after')} ({mean_std_text([r['others_drop_points'] for r in runs])}) | {mean_std_text([r['seconds'] for r in runs])} |"
+            f"{pct('others_accuracy_after')} ({mean_std_text([r['others_drop_points'] for r in runs])}) | "
+            f"{mean_std_text([r['seconds'] for r in runs])} |"
         )
     lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ from erase.sd import SD_V1_UNET_CONFIG
 
 from common import machine, save_results  # bench/common.py (the scripts run from bench/)
 
+
 def rss_gib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
@@ -96,7 +97,8 @@ def main() -> None:
     md = [
         "# Saliency mask on the full-size SD-1.x UNet (CPU)",
         "",
-        "| parameters | latents | mask time (s) | threshold only (s) | peak RSS (GiB) | extra over model (GiB) | mask file (MB) | reference int64 (GB) |",
+        "| parameters | latents | mask time (s) | threshold only (s) | peak RSS (GiB) | extra over model (GiB) | mask file (MB) | "
+        "reference int64 (GB) |",
         "|---|---|---|---|---|---|---|---|",
         f"| {n_params:,} | {b}x4x{s}x{s} | {seconds_total:.1f} | {seconds_threshold:.1f} | {peak:.2f} | "
         f"{peak - rss_model:.2f} ({(peak - rss_model) / param_gib:.2f}x params) | {mask_bytes / 1e6:.1f} | {n_params * 8 / 1e9:.1f} |",

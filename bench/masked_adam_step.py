@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from common import machine, save_results  # bench/common.py (the scripts run from bench/)
-from sd_gpu import TINY_UNET_CONFIG
-
 from erase.masked_adam import MaskedAdam, optimizer_state_bytes
 from erase.saliency import MaskedUpdate
 from erase.sd import SD_V1_UNET_CONFIG
+
+from common import machine, save_results  # bench/common.py (the scripts run from bench/)
+from sd_gpu import TINY_UNET_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,8 @@ def time_steps(kind: str, ratio: float, steps: int, device: str, tiny: bool = Fa
     if update is not None:
         update.remove()
     weights = sum(p.numel() for p in unet.parameters())
-    return {"syncs_per_step": syncs, "step_seconds": {"median": round(statistics.median(seconds), 3), "min": round(min(seconds), 3), "max": round(max(seconds), 3)},
+    timed = {"median": round(statistics.median(seconds), 3), "min": round(min(seconds), 3), "max": round(max(seconds), 3)}
+    return {"syncs_per_step": syncs, "step_seconds": timed,
             "state_bytes": state, "state_bytes_per_weight": round(state / weights, 3), "weights": weights}
 
 
@@ -113,7 +114,8 @@ def main() -> None:
         gc.collect()
     result = {"command": f"python bench/masked_adam_step.py --ratio {args.ratio} --steps {args.steps} --device {args.device}"
                          + (" --tiny" if args.tiny else ""),
-              "machine": machine(torch.get_num_threads()) + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""), "model": "tiny UNet (a dry run)" if args.tiny else "SD 1.x UNet (CompVis/stable-diffusion-v1-4 config, random weights)",
+              "machine": machine(torch.get_num_threads()) + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+              "model": "tiny UNet (a dry run)" if args.tiny else "SD 1.x UNet (CompVis/stable-diffusion-v1-4 config, random weights)",
               "device": args.device, "ratio": args.ratio, "steps": args.steps, "runs": runs}
     save_results(result, args.out, markdown(result))
     print(markdown(result))

@@ -157,7 +157,7 @@ def model_sizes(key: str) -> dict:
             block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4))
     units = shard_units(unet)
-    own = lambda m: sum(p.numel() for p in m.parameters()) - sum(count(u) for u in units if u is not m and _inside(u, m))  # noqa: E731
+    own = lambda m: sum(p.numel() for p in m.parameters()) - sum(count(u) for u in units if u is not m and _inside(u, m))
     largest = max(own(u) for u in units)
     return {"name": model.name, "resolution": model.resolution, "unet_parameters": count(unet),
             "largest_unit_parameters": largest, "frozen_parameters": frozen, "activations_per_image": activations(unet, model)}

@@ -52,7 +52,7 @@ def markdown(result: dict) -> str:
         "colours: together (alone) | time (s) |",
         "|---|---|---|---|---|---|",
     ]
-    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    pct = lambda x: f"{100 * x:.1f}"
     for row in result["rows"]:
         each = ", ".join(f"{c} {pct(r['together']['template'])}/{pct(r['together']['paraphrases'])} "
                          f"({pct(r['alone']['template'])}/{pct(r['alone']['paraphrases'])})" for c, r in row["per_concept"].items())

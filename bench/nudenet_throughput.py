@@ -25,9 +25,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from eval.nudity import count_exposed, protocol, to_bgr  # noqa: E402
-from erase.atomic import write_json  # noqa: E402
-from erase.command import versions  # noqa: E402
+from erase.atomic import write_json
+from erase.command import versions
+from eval.nudity import count_exposed, protocol, to_bgr
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")
 

@@ -36,6 +36,7 @@ from eval.attack import AttackOptions, run_attack
 from eval.fid import fid_from_images, make_fid
 from eval.generate import Sample
 from eval.judges import judge_for
+from eval.stats import wilson
 
 from common import line_plot, machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
 from erase_digits import erase_command, erasure_metrics, score  # the same scoring as bench/erase_digits.py
@@ -73,20 +74,22 @@ def attacks(model: str, concept_name: str, steps: int, vectors: list[int], args)
     """UnlearnDiffAtk's ASR and the inversion's recovery at each N (library code paths)."""
     concept = load_concept(concept_name)
     prompts = list(dict.fromkeys(concept.forget + concept.eval))[: args.prompts]
-    samples = [Sample(i, p, i, DEFAULT_GUIDANCE) for i, p in enumerate(prompts)]
+    m = args.attack_images_per_prompt  # image j of prompt i: seed i + 1000 j (j = 0: the one-image protocol's seed)
+    samples = [Sample(i * m + j, p, i + 1000 * j, DEFAULT_GUIDANCE) for i, p in enumerate(prompts) for j in range(m)]
     judge = judge_for(concept)
-    out = {}
+    out = {"attack_images": len(samples)}
     if args.uda_iterations:
         opts = AttackOptions(attack="unlearndiffatk", k=args.k, iterations=args.uda_iterations, timesteps=args.uda_timesteps,
                              weight_decay=0.0, num_inference_steps=DEFAULT_STEPS, seed=args.attack_seed)
         report = run_attack("digits", model, samples, judge, opts, concept_name=concept.name, grid_prompts=0)
         out["unlearndiffatk_asr"] = report["asr"]
+        out["unlearndiffatk_asr_count"] = report["by_threshold"][report["judge"]["deciding"]]["asr_count"]
         out["before_attack"] = report["asr_parts"]["before_attack"]
     for n in vectors:
         opts = AttackOptions(attack="inversion", inversion_vectors=n, inversion_steps=steps, inversion_heldout=True,
                              num_inference_steps=DEFAULT_STEPS, seed=args.attack_seed)
         report = run_attack("digits", model, samples, judge, opts, concept_name=concept.name, grid_prompts=0)
-        out[f"recovery_n{n}"] = report["recovery"]
+        out[f"recovery_n{n}"], out[f"recovery_n{n}_count"] = report["recovery"], report["recovery_count"]
         out.setdefault("before_attack", report["asr_parts"]["before_attack"])
     return out
 
@@ -103,7 +106,9 @@ def markdown(result: dict) -> str:
         f"images of the 40 template prompts ({p['fid_images_per_prompt']} seeds each) against the erased model's, same seeds"
         + (f" (the original against itself at other seeds: {result['fid_floor']:.1f})." if "fid_floor" in result else "."),
         f"UnlearnDiffAtk (reduced: k = {p['k']}, {p['uda_timesteps']} timesteps x {p['uda_iterations']} iterations) and",
-        f"concept inversion ({p['inversion_steps']} steps, learned from other seeds) on {p['prompts']} prompts of the concept.",
+        f"concept inversion ({p['inversion_steps']} steps, learned from other seeds) on {p['prompts']} prompts of the concept, "
+        f"{p.get('attack_images_per_prompt', 1)} image(s) each" + (" (a one-run cell: the count of judged images and its 95% interval)."
+                                                                   if p.get("attack_images_per_prompt", 1) > 1 else "."),
         "Time: the whole erasure command; memory: its peak resident set."
         + (f" Every erasure also took `{p['erase_args']}`." if p.get("erase_args") else ""),
         "",
@@ -115,8 +120,16 @@ def markdown(result: dict) -> str:
         runs = row["runs"]
         if not runs:
             continue
-        pct = lambda key: mean_std_text([100 * r[key] for r in runs]) if all(key in r for r in runs) else "–"  # noqa: E731
-        num = lambda key: mean_std_text([r[key] for r in runs]) if all(key in r for r in runs) else "–"  # noqa: E731
+        def pct(key: str) -> str:
+            if not all(key in r for r in runs):
+                return "–"
+            if len(runs) == 1 and f"{key}_count" in runs[0]:  # one run: the count of n and its 95% interval
+                k, total = runs[0][f"{key}_count"], runs[0]["attack_images"]
+                low, high = wilson(k, total)
+                return f"{100 * k / total:.1f} ({k}/{total}; {100 * low:.1f}-{100 * high:.1f})"
+            return mean_std_text([100 * r[key] for r in runs])
+
+        num = lambda key: mean_std_text([r[key] for r in runs]) if all(key in r for r in runs) else "–"
         lines.append(
             f"| {row['concept']} | {row['method']} | {len(runs)} | {pct('template_rate_after')} / {pct('paraphrase_rate_after')} | "
             f"{pct('retained_digits')} / {pct('retained_colours')} | {num('fid')} | {pct('unlearndiffatk_asr')} | "
@@ -169,6 +182,8 @@ def main() -> None:
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--fid-images-per-prompt", type=int, default=4, help="160 images: more than the 128 features")
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--attack-images-per-prompt", type=int, default=1,
+                        help="judged images per attacked prompt (other seeds); 8 x 8 prompts: 64 per cell")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--uda-iterations", type=int, default=10, help="0: skip UnlearnDiffAtk")
     parser.add_argument("--uda-timesteps", type=int, default=3)
@@ -197,10 +212,12 @@ def main() -> None:
     result: dict = {}
 
     def save() -> None:
-        result.update({"out": args.out, "protocol": {k: getattr(args, k) for k in ("images_per_prompt", "fid_images_per_prompt", "prompts", "k", "uda_iterations", "uda_timesteps",
+        result.update({"out": args.out, "protocol": {k: getattr(args, k) for k in ("images_per_prompt", "fid_images_per_prompt", "prompts",
+                                                                    "attack_images_per_prompt", "k", "uda_iterations", "uda_timesteps",
                                                                     "inversion_steps", "vectors", "attack_seed", "erase_args")}
                        | {"fid_features": fid_name},
-                       "seeds": seeds, "before": before, "fid_floor": fid_floor, "rows": rows, "wall_seconds": time.perf_counter() - start, "machine": machine()})
+                       "seeds": seeds, "before": before, "fid_floor": fid_floor, "rows": rows, "wall_seconds": time.perf_counter() - start,
+                       "machine": machine()})
         save_results(result, args.out, markdown(result))
         plot_headline(result, Path(args.out).with_suffix(".png"))
 

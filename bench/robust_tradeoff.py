@@ -22,12 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from robust_digits import attacks, erase, retained, template_images
+
 from erase.digits import load_digits_classifier
 from eval.fid import fid_from_images, make_fid
 
 from common import line_plot, machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
 from erase_digits import erasure_metrics, score
-from robust_digits import attacks, erase, retained, template_images
 
 ADV = "--adversarial"
 SETTINGS = {  # name: erase/train.py flags on top of the concept file's recipe (beta 0.5; 3 under --adversarial)
@@ -65,7 +66,7 @@ def markdown(result: dict) -> str:
              "| inversion N = 8 | robustness | time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in result["rows"].items():
-        pct = lambda key: mean_std_text([100 * r[key] for r in runs])  # noqa: E731
+        pct = lambda key: mean_std_text([100 * r[key] for r in runs])
         lines.append(f"| {name} | `{SETTINGS.get(name, '') or '(recipe)'}` | {len(runs)} | {pct('shown_template')} / {pct('shown_paraphrases')} | "
                      f"{pct('retained_digits')} / {pct('retained_colours')} | "
                      f"{mean_std_text([r['fid'] for r in runs])} | {pct('recovery_n4')} | {pct('recovery_n8')} | "

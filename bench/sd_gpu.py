@@ -82,7 +82,7 @@ def step_flops(tiny: bool, batch: int, latent: int, cross_dim: int) -> int:
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**(TINY_UNET_CONFIG if tiny else SD_V1_UNET_CONFIG))
-        x = lambda *shape: torch.randn(*shape)  # noqa: E731
+        x = lambda *shape: torch.randn(*shape)
         t = torch.zeros(batch, dtype=torch.long)
         forget = {"noisy_latents": x(batch, 4, latent, latent), "timesteps": t,
                   "encoder_hidden_states": x(batch, 77, cross_dim), "anchor_hidden_states": x(batch, 77, cross_dim)}
@@ -193,7 +193,7 @@ def run(args) -> dict:
 
 def markdown(r: dict) -> str:
     s, mem, rates = r["seconds"], r["peak_memory_gib"], r["rates"]
-    gib = lambda v: "n/a (not CUDA)" if v is None else f"{v:.1f}"  # noqa: E731
+    gib = lambda v: "n/a (not CUDA)" if v is None else f"{v:.1f}"
     st = r["settings"]
     ok = r["reload"]
     lines = [

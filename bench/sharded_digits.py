@@ -62,7 +62,7 @@ def markdown(r: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in r["runs"].items():
         b = row.get("per_process_bytes") or [row["bytes"]]
-        mb = lambda key: " / ".join(f"{x[key] / 1e6:.1f}" for x in b)  # noqa: E731
+        mb = lambda key: " / ".join(f"{x[key] / 1e6:.1f}" for x in b)
         lines.append(f"| {name} | {row.get('mask_bits_differing', '–')} | {row.get('max_weight_difference', '–')} | {mb('parameters')} | "
                      f"{mb('gradients')} | {mb('optimizer')} | {row['seconds']:.1f} | {100 * row['template_rate']:.1f} / "
                      f"{100 * row['paraphrase_rate']:.1f} | {100 * row['retained_digits']:.1f} |")

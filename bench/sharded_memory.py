@@ -62,7 +62,7 @@ def erase(model: Path, out: Path, cache: Path, processes: int, unet_bytes: int) 
     if proc.returncode != 0:
         sys.exit(f"erase/train.py failed:\n{proc.stderr[-3000:]}")
     record = json.loads((out / "erase_config.json").read_text())
-    gib = lambda b: round(b / 2**30, 2)  # noqa: E731
+    gib = lambda b: round(b / 2**30, 2)
     if processes == 1:
         peaks = record["peak_host_memory_gib"]
         return {"processes": 1, "seconds": round(seconds, 1), "host_peak_load_gib": [round(peaks["load"], 2)],

@@ -17,8 +17,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from erase.objectives import salun_loss
 from erase.erasure import masked_optimizer
+from erase.objectives import salun_loss
 from erase.sd import SD_V1_UNET_CONFIG
 
 from common import machine, save_results  # bench/common.py (the scripts run from bench/)
@@ -66,7 +66,7 @@ def main() -> None:
     optimizer, _ = masked_optimizer(unet, mask, learning_rate=1e-5)  # erase/train.py's optimizer
     del mask
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    autocast = lambda: torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    autocast = lambda: torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None)
     forget, retain = make_batch(args.batch_size, args.latent_size, args.device)
 
     def step() -> None:

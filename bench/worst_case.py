@@ -109,7 +109,8 @@ def data_seed(seed: int, label_noise: float, args) -> dict:
             "class_histogram_worst": torch.bincount(data.train_y[worst_idx], minlength=10).tolist(),
             "upper_objective": [h["upper_objective"] for h in result.history],
         }
-        print(f"  noise {label_noise:g} seed {seed} {variant}: UA random {runs['random']['metrics']['UA']:.2f} worst {runs['worst']['metrics']['UA']:.2f}, "
+        print(f"  noise {label_noise:g} seed {seed} {variant}: UA random {runs['random']['metrics']['UA']:.2f} "
+              f"worst {runs['worst']['metrics']['UA']:.2f}, "
               f"search {result.seconds:.1f} s", flush=True)
     return out
 
@@ -259,9 +260,9 @@ def prompt_seed(seed: int, pipe, classifier, args) -> dict:
 
 
 def prompt_part(args) -> dict:
+    from erase.command import quiet_libraries
     from erase.digits import MODEL_DIR, load_digits_classifier
     from erase.sd import load_pipeline
-    from erase.command import quiet_libraries
 
     model = Path(args.model or MODEL_DIR)
     if not (model / "model_index.json").is_file():

@@ -293,7 +293,7 @@ def attack_round(adversary: AdversarialTokens, data, scheduler, cfg, accelerator
 def encode_afresh(forget: dict, retain: dict, data, text_encoders: TrainedTextEncoders, adversary, cfg) -> dict:
     """The batch's forget and retain prompts (and the forget prompts' adversarial captions) through
     the trained text encoder(s), with gradients; the anchor keeps the original encoder's rows."""
-    texts = lambda rows: [data.texts[r] for r in rows.tolist()]  # noqa: E731
+    texts = lambda rows: [data.texts[r] for r in rows.tolist()]
     forget["encoder_hidden_states"] = text_encoders.encode(texts(forget["prompt_rows"]), cfg.resolution)
     retain["encoder_hidden_states"] = text_encoders.encode(texts(retain["prompt_rows"]), cfg.resolution)
     return with_adversarial(forget, adversary.conditioning(texts(forget["prompt_rows"]), cfg.resolution, grad=True).float())

@@ -29,8 +29,8 @@ from erase.conditioning import Conditioning
 from erase.families import denoiser
 from erase.objectives import ESD_TARGETS, esd_loss, noised, saliency_loss, salun_loss, step_generator
 from erase.saliency import MaskedUpdate, check_ratio, compute_saliency_mask, load_mask, read_mask_shapes, select_parameters
-from erase.sharding import check_shardable, is_sharded, local, local_mask, moving_tensors, shard_file
 from erase.sd import encode_images, encode_prompts, image_set
+from erase.sharding import check_shardable, is_sharded, local, local_mask, moving_tensors, shard_file
 
 __all__ = ["METHODS", "WEIGHT_DTYPES", "ErasureData", "TrainConfig", "batch_for", "masked_optimizer",
            "prepare_data", "saliency_mask", "train_steps", "trainable_mask"]
@@ -59,10 +59,14 @@ class TrainConfig:
         "help": "train against concept inversion (erase/adversarial.py): every --adversarial-every steps, "
                 "--adversarial-steps Adam steps on --adversarial-vectors token vectors against the current UNet; the "
                 "forget objective applies to the clean and the adversarial prompts"})
-    adversarial_vectors: int = field(default=4, metadata={"methods": TRAINED, "needs": "adversarial", "help": "adversarial: token vectors of the inner attack"})
-    adversarial_steps: int = field(default=30, metadata={"methods": TRAINED, "needs": "adversarial", "help": "adversarial: inner Adam steps per round"})
-    adversarial_every: int = field(default=10, metadata={"methods": TRAINED, "needs": "adversarial", "help": "adversarial: optimizer steps between rounds"})
-    adversarial_lr: float = field(default=0.01, metadata={"methods": TRAINED, "needs": "adversarial", "help": "adversarial: inner Adam learning rate"})
+    adversarial_vectors: int = field(default=4, metadata={"methods": TRAINED, "needs": "adversarial",
+        "help": "adversarial: token vectors of the inner attack"})
+    adversarial_steps: int = field(default=30, metadata={"methods": TRAINED, "needs": "adversarial",
+        "help": "adversarial: inner Adam steps per round"})
+    adversarial_every: int = field(default=10, metadata={"methods": TRAINED, "needs": "adversarial",
+        "help": "adversarial: optimizer steps between rounds"})
+    adversarial_lr: float = field(default=0.01, metadata={"methods": TRAINED, "needs": "adversarial",
+        "help": "adversarial: inner Adam learning rate"})
     adversarial_pool: int | None = field(default=None, metadata={"methods": TRAINED, "needs": "adversarial",
         "help": "adversarial: the outer step trains against the vectors of the last N inner rounds, one drawn per forget row "
                 "(0: every round so far, the default when the UNet alone trains; 1: the last round's, the only choice with trained "
@@ -98,13 +102,16 @@ class TrainConfig:
     generation_batch_size: int = field(default=16, metadata={"methods": TRAINED, "help": "images per batch when generating the sets"})
     saliency_batch_size: int = field(default=8, metadata={"methods": ("salun",), "help": "forget images per gradient batch for the mask"})
     mixed_precision: str = field(default="no", metadata={"methods": TRAINED, "help": "no, fp16 or bf16"})
-    gradient_checkpointing: bool = field(default=False, metadata={"methods": TRAINED, "help": "recompute activations in the backward pass (less memory)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"methods": TRAINED,
+        "help": "recompute activations in the backward pass (less memory)"})
     checkpointing_steps: int = field(default=50, metadata={"methods": TRAINED, "help": "save a resumable checkpoint every N steps"})
-    logging_steps: int = field(default=10, metadata={"methods": TRAINED, "help": "log the mean losses every N steps (reading them waits for the device)"})
+    logging_steps: int = field(default=10, metadata={"methods": TRAINED,
+        "help": "log the mean losses every N steps (reading them waits for the device)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"methods": TRAINED, "help": "`latest` or a checkpoint-N folder"})
     output_dir: str = field(default="erased-model", metadata={"help": "the erased pipeline's folder"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
-    cache_dir: str = field(default=os.path.join(os.path.expanduser("~"), ".cache", "erase"), metadata={"methods": TRAINED, "help": "generated image sets"})
+    cache_dir: str = field(default=os.path.join(os.path.expanduser("~"), ".cache", "erase"), metadata={"methods": TRAINED,
+        "help": "generated image sets"})
     report_to: str | None = field(default=None, metadata={"methods": TRAINED, "help": "tracker (default: tensorboard when installed)"})
     seed: int = field(default=0, metadata={"methods": TRAINED, "help": "training randomness (the generated sets use fixed seeds)"})
     ddp_timeout: int | None = field(default=None, metadata={
@@ -256,7 +263,7 @@ def prepare_data(pipe, cfg, concepts: Sequence[Concept], accelerator: Accelerato
     distinct = list(dict.fromkeys(["", *forget_prompts, *anchor_prompts, *retain_prompts]))
     row = {p: i for i, p in enumerate(distinct)}
     device = denoiser(pipe).device
-    rows = lambda prompts: torch.tensor([row[p] for p in prompts], device=device)  # noqa: E731
+    rows = lambda prompts: torch.tensor([row[p] for p in prompts], device=device)
     return ErasureData(
         forget_latents=encode_images(pipe, forget_images).float(),
         forget_prompt=rows(forget_prompts),

@@ -95,7 +95,8 @@ def noise_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timestep
 
 def training_scheduler(scheduler):
     """The forward process of a model's noise schedule, built from its (inference) scheduler's config:
-    `FlowMatching` for the flow-matching families (SD3, Flux), otherwise the DDPM forward process of a model's noise schedule, built from its (inference) scheduler's
+    `FlowMatching` for the flow-matching families (SD3, Flux), otherwise the DDPM forward process of a model's noise
+    schedule, built from its (inference) scheduler's
     config: what training and the attacks noise with. An inference scheduler's own `add_noise` is not
     always the forward process: Euler's (SDXL, many SD 1.5 fine-tunes) adds sigma * eps at its current
     step (sigma = 0 after sampling) and has no `get_velocity`."""

@@ -57,7 +57,8 @@ SD_V1_UNET_CONFIG = dict(
     attention_head_dim=8,
 )
 
-__all__ = ["FAMILIES", "encode_images", "encode_prompts", "generate", "check_prompts_fit", "image_set", "is_sdxl", "load_pipeline", "max_sequence_length",
+__all__ = ["FAMILIES", "encode_images", "encode_prompts", "generate", "check_prompts_fit", "image_set", "is_sdxl", "load_pipeline",
+           "max_sequence_length",
            "denoiser_source", "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
 
 

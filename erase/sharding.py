@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from erase.command import BadInput
 
 __all__ = ["ShardSizes", "check_checkpoint_sharding", "check_shardable", "collective_device", "full_state_dict", "gather_mask",
-           "gather_over_processes", "host_peak_bytes", "is_sharded", "load_sharded", "load_shards", "load_training_state", "local", "local_mask", "moving_tensors",
+           "gather_over_processes", "host_peak_bytes", "is_sharded", "load_sharded", "load_shards", "load_training_state", "local",
+           "local_mask", "moving_tensors",
            "save_shards", "save_training_state", "set_gradient_sum", "shard_bytes", "shard_file", "shard_rows", "shard_unet", "sharding_of",
            "sum_over_processes", "shard_units",
            "unsharded_copy"]
@@ -281,7 +282,7 @@ def unsharded_copy(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
 def shard_bytes(model: torch.nn.Module) -> dict[str, int]:
     """This process's bytes of parameters and of gradients (those present now)."""
     params = list(model.parameters())
-    nbytes = lambda t: local(t).numel() * local(t).element_size()  # noqa: E731
+    nbytes = lambda t: local(t).numel() * local(t).element_size()
     return {"parameters": sum(nbytes(p) for p in params), "gradients": sum(nbytes(p.grad) for p in params if p.grad is not None)}
 
 

@@ -33,15 +33,17 @@ from pathlib import Path
 # imports it; a command's stderr should hold progress bars and our own one-line errors.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.logging import get_logger  # noqa: E402
-from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
-from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
 
-from erase.atomic import replace_dir, shared_output_dir, write_json  # noqa: E402
-from erase.command import (  # noqa: E402
+from erase import sharding
+from erase.adversarial import AdversarialTokens, TrainedTextEncoders
+from erase.atomic import replace_dir, shared_output_dir, write_json
+from erase.command import (
     BadInput,
     add_dataclass_arguments,
     check_launch,
@@ -50,27 +52,25 @@ from erase.command import (  # noqa: E402
     run_command,
     versions,
 )
-from erase.concepts import load_concept, merge_concepts  # noqa: E402
-from erase.adversarial import AdversarialTokens, TrainedTextEncoders  # noqa: E402
-from erase.erasure import (  # noqa: E402
+from erase.concepts import load_concept, merge_concepts
+from erase.erasure import (
     WEIGHT_DTYPES,
     TrainConfig,
-    refuse_unused,
     masked_optimizer,
     prepare_data,
+    refuse_unused,
     train_steps,
     trainable_mask,
 )
-from erase.masked_adam import optimizer_state_bytes  # noqa: E402
-from erase.objectives import training_scheduler  # noqa: E402
-from erase.saliency import (  # noqa: E402
+from erase.families import denoiser, denoiser_name, frozen_copy, hold_frozen, release_frozen
+from erase.masked_adam import optimizer_state_bytes
+from erase.objectives import training_scheduler
+from erase.saliency import (
     load_mask,
     mask_fraction,
     save_mask,
 )
-from erase import sharding  # noqa: E402
-from erase.families import denoiser, denoiser_name, frozen_copy, hold_frozen, release_frozen  # noqa: E402
-from erase.sd import check_prompts_fit, denoiser_source, load_pipeline, pipeline_class  # noqa: E402
+from erase.sd import check_prompts_fit, denoiser_source, load_pipeline, pipeline_class
 
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 from erase.uce import UCEScales, uce_edit  # noqa: E402
@@ -298,7 +298,8 @@ def train(cfg: TrainConfig) -> str:
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers("erase", config={k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
 
-    progress = tqdm(range(cfg.max_train_steps), initial=first_step, desc=f"{cfg.method} {concept.name}", disable=not accelerator.is_local_main_process)
+    progress = tqdm(range(cfg.max_train_steps), initial=first_step, desc=f"{cfg.method} {concept.name}",
+                    disable=not accelerator.is_local_main_process)
 
     def after_step(done: int, logs: dict[str, float] | None) -> None:
         progress.update(1)

@@ -6,10 +6,10 @@ import os
 # diffusers first imports it; `python -m eval`'s stderr should hold its progress and one-line errors.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from eval.classes import ClassAccuracy  # noqa: E402, ClassTask, per_class_counts
-from eval.fid import DigitsFeatures, make_fid  # noqa: E402
-from eval.nudity import EXPOSED_LABELS, NudityScore, count_exposed  # noqa: E402
-from eval.report import compare  # noqa: E402
+from eval.classes import ClassAccuracy
+from eval.fid import DigitsFeatures, make_fid
+from eval.nudity import EXPOSED_LABELS, NudityScore, count_exposed
+from eval.report import compare
 
 __all__ = [
     "EXPOSED_LABELS",

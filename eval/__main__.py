@@ -204,8 +204,8 @@ def attack_options(args, steps: int, concept):
 
 def run_attack(args, state) -> dict:
     from erase.sd import pipeline_class, resolve_model
-    from eval.judges import judge_for
     from eval.attack import run_attack as attack
+    from eval.judges import judge_for
 
     steps, guidance = steps_and_guidance(args.original, args.steps, None)
     concept = attack_concept(args)

@@ -74,20 +74,23 @@ class AttackOptions:
     # UnlearnDiffAtk (defaults: the reference attack's configuration)
     k: int = field(default=5, metadata={"attacks": ("unlearndiffatk",), "help": "UnlearnDiffAtk: adversarial tokens prepended"})
     iterations: int = field(default=40, metadata={"attacks": ("unlearndiffatk",), "help": "UnlearnDiffAtk: Adam steps per timestep"})
-    timesteps: int = field(default=50, metadata={"attacks": ("unlearndiffatk",), "help": "UnlearnDiffAtk: timesteps in the sweep (evenly spaced, ascending)"})
+    timesteps: int = field(default=50, metadata={"attacks": ("unlearndiffatk",),
+        "help": "UnlearnDiffAtk: timesteps in the sweep (evenly spaced, ascending)"})
     lr: float = field(default=0.01, metadata={"attacks": ("unlearndiffatk",), "help": "UnlearnDiffAtk: Adam learning rate"})
     weight_decay: float = field(default=0.1, metadata={"attacks": ("unlearndiffatk",), "help": "UnlearnDiffAtk: Adam weight decay"})
     straight_through: str = field(default="sample", metadata={"attacks": ("unlearndiffatk",),
         "help": "UnlearnDiffAtk: a relaxed token's forward pass samples it (sample) or takes its argmax (argmax)"})
     # concept inversion (textual inversion)
     inversion_steps: int = field(default=1000, metadata={"attacks": ("inversion",), "help": "inversion: optimizer steps"})
-    inversion_lr: float = field(default=5e-3, metadata={"attacks": ("inversion",), "help": "inversion: learning rate (as used: not scaled by the batch)"})
+    inversion_lr: float = field(default=5e-3, metadata={"attacks": ("inversion",),
+        "help": "inversion: learning rate (as used: not scaled by the batch)"})
     inversion_batch_size: int = field(default=4, metadata={"attacks": ("inversion",), "help": "inversion: target images per micro-batch"})
     inversion_accumulation: int = field(default=1, metadata={"attacks": ("inversion",), "help": "inversion: micro-batches per optimizer step"})
     inversion_weight_decay: float = field(default=0.0, metadata={"attacks": ("inversion",), "help": "inversion: AdamW weight decay (0: Adam)"})
     inversion_init: str | None = field(default=None, metadata={"attacks": ("inversion",),
         "help": "inversion: a word whose embedding starts the token (default: the mean embedding)"})
-    inversion_flip: bool = field(default=False, metadata={"attacks": ("inversion",), "help": "inversion: mirror each drawn target image with probability 1/2"})
+    inversion_flip: bool = field(default=False, metadata={"attacks": ("inversion",),
+        "help": "inversion: mirror each drawn target image with probability 1/2"})
     inversion_vectors: int = field(default=1, metadata={"attacks": ("inversion",),
         "help": "inversion: new token vectors learned together in place of the concept's name (1: Pham et al.'s setting)"})
     inversion_heldout: bool = field(default=False, metadata={"attacks": ("inversion",),

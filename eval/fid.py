@@ -86,7 +86,7 @@ def make_fid(features: str | nn.Module, device: str | torch.device = "cpu", **kw
                                     "(or use --features digits for the digits model)")
         try:
             return FrechetInceptionDistance(feature=2048, **kwargs).to(device), "inception-v3-pool3-2048"
-        except Exception as err:  # noqa: BLE001 - weights download failure -> one clear line
+        except Exception as err:
             raise ValueError(f"cannot load the Inception weights (offline?): {err}".splitlines()[0]) from err
     else:
         raise ValueError(f"unknown features {features!r}; choose from {FEATURES}")

@@ -230,7 +230,7 @@ def _hub_rows(hub_id: str) -> list[dict]:
                          "connection; or pass --prompts FILE.csv") from err
     try:
         records = load_dataset(hub_id, split="train")
-    except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear line
+    except Exception as err:
         raise ValueError(f"cannot download {hub_id} (offline?): pass --prompts FILE.csv "
                          f"({type(err).__name__})") from err
     return [_parse_row({k: "" if v is None else str(v) for k, v in r.items()}, i + 1, hub_id)

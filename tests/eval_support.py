@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import torch
 from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import build_tiny_pipeline  # noqa: E402
+from erase.adversarial import TrainedTextEncoders
 
-from erase.adversarial import TrainedTextEncoders  # noqa: E402
+from conftest import build_tiny_pipeline
 
 
 def main(out: str) -> None:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import check_erasure, run_train, small_run, weights
 
 from erase.adversarial import AdversarialSettings, AdversarialTokens, adversarial_captions, adversarial_rows, with_adversarial
 from erase.concepts import load_concept
 from erase.conditioning import Conditioning
 from erase.saliency import load_mask
+
+from test_train import check_erasure, run_train, small_run, weights
 
 
 def test_captions_put_the_tokens_where_each_concepts_name_was() -> None:
@@ -50,7 +51,7 @@ def test_each_forget_row_is_trained_under_one_pooled_rounds_vectors() -> None:
     data = type("Data", (), {"forget_prompt": torch.tensor([1, 1]), "texts": ["a", "b", "c"],
                              "prompt_embeds": Conditioning(torch.arange(3.0)[:, None, None].expand(3, 77, 4).clone())})
     rows = adversarial_rows(Pool(), data, type("Cfg", (), {"resolution": None}))
-    value = lambda cond: cond.hidden_states[:, 0, 0].tolist()  # noqa: E731
+    value = lambda cond: cond.hidden_states[:, 0, 0].tolist()
     assert value(rows(torch.tensor([0, 1, 2]))) == [0, 20, 2]
     drawn = value(rows(torch.ones(64, dtype=torch.long), torch.Generator().manual_seed(0)))
     assert set(drawn) == {10, 20}
@@ -112,7 +113,7 @@ def test_an_adversarial_run_keeps_masked_out_and_frozen_weights_and_records_its_
     proc = run_train(["--concept", "nudity", "--method", method, "--adversarial", "--adversarial-every", "2", "--adversarial-steps", "2",
                       "--adversarial-vectors", "3", "--logging-steps", "1", *small_run(tiny_sd_path, out, tmp_path / "cache")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    hidden = lambda c: c.hidden_states if isinstance(c, Conditioning) else c  # noqa: E731
+    hidden = lambda c: c.hidden_states if isinstance(c, Conditioning) else c
     assert len(halves) == 3 and all((hidden(clean) - hidden(adv)).abs().max() > 1e-3 for clean, adv in halves)
     check_erasure(tiny_sd_path, out)
     record = json.loads((out / "erase_config.json").read_text())

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
 
 from erase.tokens import PlaceholderTokens, sweep_timesteps
 from eval.attack import AttackOptions, unlearndiffatk
 from eval.generate import Sample
 from eval.judges import Judge
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

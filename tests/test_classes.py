@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+from PIL import Image
+
+from eval.classes import ClassAccuracy, ClassTask, class_samples, evaluate_classes, load_task, per_class_counts
+
 from eval_support import (
     needs_digits,
     photo,
 )
-from PIL import Image
-
-from eval.classes import ClassAccuracy, ClassTask, class_samples, evaluate_classes, load_task, per_class_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

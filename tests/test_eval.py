@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from eval_support import (
     photo,
     write,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -141,8 +141,9 @@ def build_tiny_sdxl_two_widths():
 
 def build_tiny_sd2_openclip():
     """SD 2.x in miniature with an OpenCLIP-style text encoder (gelu), written as cond_stage_model.model.*."""
-    from conftest import build_tiny_sd2_pipeline
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from conftest import build_tiny_sd2_pipeline
 
     pipe = build_tiny_sd2_pipeline()
     torch.manual_seed(2)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ENV, TRAIN, assert_loads_without_the_project, run_train, weights
 
 from erase.saliency import load_mask
+
+from test_train import ENV, TRAIN, assert_loads_without_the_project, run_train, weights
 
 FORGET, ANCHOR = "a photo of a nude person", "a photo of a person wearing clothes"
 

@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
+
+from eval import fid as fid_module
+from eval.fid import DigitsFeatures, MissingExtraError, fid_from_images, images_to_uint8, make_fid
+
 from eval_support import (
     launch_two,
     needs_classifier,
     write,
 )
-
-from eval import fid as fid_module
-from eval.fid import DigitsFeatures, MissingExtraError, fid_from_images, images_to_uint8, make_fid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import CHECK, export
-from test_train import ENV, run_train, weights
 
 from erase.saliency import load_mask
+
+from test_export import CHECK, export
+from test_train import ENV, run_train, weights
 
 FORGET, ANCHOR = "a photo of a nude person", "a photo of a person wearing clothes"
 FROZEN = {"sd3": ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"], "sd3-no-t5": ["vae", "text_encoder", "text_encoder_2"],
@@ -238,7 +239,7 @@ def test_several_concepts_in_one_run_on_sd3(tiny_flow_paths, tmp_path: Path) -> 
 def test_resume_after_kill_matches_the_uninterrupted_run(family: str, tiny_flow_paths, tmp_path: Path) -> None:
     from test_train import kill_after_checkpoint
 
-    args = lambda out: ["--model", str(tiny_flow_paths[family]), "--concept", "nudity", "--num-images", "4",  # noqa: E731
+    args = lambda out: ["--model", str(tiny_flow_paths[family]), "--concept", "nudity", "--num-images", "4",
                         "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2",
                         "--max-train-steps", "8", "--checkpointing-steps", "2", "--resolution", "16",
                         "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
@@ -306,7 +307,7 @@ def test_two_processes_give_the_one_process_mask_on_sd3(tiny_flow_paths, tmp_pat
     """Plain data parallelism (DDP over 2 gloo processes) against one process with 2 micro-batches."""
     from test_sharding import launch
 
-    args = lambda out, *more: ["--model", str(tiny_flow_paths["sd3"]), "--concept", "nudity", "--num-images", "4",  # noqa: E731
+    args = lambda out, *more: ["--model", str(tiny_flow_paths["sd3"]), "--concept", "nudity", "--num-images", "4",
                                "--generation-steps", "2", "--train-batch-size", "2", "--saliency-batch-size", "2",
                                "--max-train-steps", "3", "--learning-rate", "1e-3", "--resolution", "16",
                                "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), *more]
@@ -330,7 +331,7 @@ def test_two_sharded_processes_give_the_one_process_mask_on_flux(tiny_flow_paths
     2: the process with one batch makes one more call): the one-process images, byte for byte."""
     from test_sharding import check_sharding_record, launch
 
-    args = lambda out, cache, *more: ["--model", str(tiny_flow_paths["flux"]), "--concept", "nudity", "--num-images", "5",  # noqa: E731
+    args = lambda out, cache, *more: ["--model", str(tiny_flow_paths["flux"]), "--concept", "nudity", "--num-images", "5",
                                       "--generation-steps", "2", "--generation-batch-size", "2", "--train-batch-size", "2",
                                       "--saliency-batch-size", "2", "--max-train-steps", "3", "--learning-rate", "1e-3", "--resolution",
                                       "16", "--optimizer-state", "masked", "--output-dir", str(out), "--cache-dir", str(cache), *more]
@@ -341,7 +342,7 @@ def test_two_sharded_processes_give_the_one_process_mask_on_flux(tiny_flow_paths
     check_sharding_record(tmp_path / "sharded", tmp_path / "one")
     assert json.loads((tmp_path / "sharded" / "erase_config.json").read_text())["sharding"]["loaded"] == \
         "each process its rows of the safetensors files"
-    files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     assert len(files(tmp_path / "cache1")) == 2 * 6 and files(tmp_path / "cache1") == files(tmp_path / "cache2")
     m1, m2 = load_mask(tmp_path / "one" / "saliency_mask.safetensors"), load_mask(tmp_path / "sharded" / "saliency_mask.safetensors")
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)

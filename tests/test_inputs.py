@@ -277,7 +277,8 @@ def test_a_launch_that_lost_its_processes_refuses(tmp_path: Path, monkeypatch, c
 
 @pytest.mark.parametrize("main, argv", [
     (train_main, ["--help"]), (worst_case_main, ["--help"]), (classifier_main, ["--help"]), (digits_main, ["--help"]),
-    (app_main, ["--help"]), (export_main, ["--help"]), *[(eval_main, [command, "--help"]) for command in ("classes", "nudity", "fid", "compare", "attack")],
+    (app_main, ["--help"]), (export_main, ["--help"]),
+    *[(eval_main, [command, "--help"]) for command in ("classes", "nudity", "fid", "compare", "attack")],
 ], ids=lambda v: v.__name__.removesuffix("_main") if callable(v) else " ".join(v))
 def test_every_command_has_help(main, argv, capsys) -> None:
     try:

@@ -37,8 +37,9 @@ def _unet_inputs(pipe, latents: torch.Tensor, t: int) -> tuple[torch.Tensor, dic
 
 
 def _euler_v_pipeline():
-    from conftest import build_tiny_pipeline
     from diffusers import EulerDiscreteScheduler
+
+    from conftest import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")

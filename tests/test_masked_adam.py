@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICES
-from test_train import run_train, small_run, weights
 
 from erase.masked_adam import MaskedAdam, optimizer_state_bytes
 from erase.saliency import MaskedUpdate
+
+from conftest import DEVICES
+from test_train import run_train, small_run, weights
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,12 +8,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from eval_support import (
-    I2P_ROWS,
-    launch_two,
-    photo,
-    synthetic,
-)
 from PIL import Image
 
 from eval.nudity import (
@@ -24,6 +18,13 @@ from eval.nudity import (
     load_prompt_rows,
     summarise,
     to_bgr,
+)
+
+from eval_support import (
+    I2P_ROWS,
+    launch_two,
+    photo,
+    synthetic,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

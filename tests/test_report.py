@@ -6,15 +6,16 @@ import json
 
 import numpy as np
 import pytest
-from eval_support import (
-    I2P_ROWS,
-    digits_classifier_built,
-    write,
-)
 from PIL import Image
 
 from eval.nudity import (
     EXPOSED_LABELS,
+)
+
+from eval_support import (
+    I2P_ROWS,
+    digits_classifier_built,
+    write,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +101,7 @@ def test_grid_columns_carry_their_titles():
     rows = [[np.full((16, 16, 3), v, np.uint8) for v in (0, 100, 200)]]
     numbered, titled = image_grid(rows, ["#0 hit"]), image_grid(rows, ["#0 hit"], column_titles=ATTACK_GRID_COLUMNS)
     assert numbered.size == titled.size
-    header = lambda im: np.asarray(im)[:14]  # noqa: E731
+    header = lambda im: np.asarray(im)[:14]
     assert not np.array_equal(header(numbered), header(titled)) and (header(titled) < 128).any()
     assert np.array_equal(np.asarray(numbered)[14:], np.asarray(titled)[14:])  # the images themselves are untouched
     width = 96 + 2

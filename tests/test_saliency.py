@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICES, free_port
 from erase import MaskedUpdate, compute_saliency_mask, global_topk_mask, load_mask, save_mask
 from erase.saliency import pack_bits, select_parameters, unpack_bits
+
+from conftest import DEVICES, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +105,7 @@ def test_compute_mask_selects_modules_and_restores_model() -> None:
 
 def test_select_parameters_by_name_suffix_module_and_regex() -> None:
     model = torch.nn.ModuleDict({"down": torch.nn.ModuleDict({"attn2": torch.nn.Linear(2, 2), "ff": torch.nn.Linear(2, 2)})})
-    names = lambda sel: sorted(n for n, _ in sel)  # noqa: E731
+    names = lambda sel: sorted(n for n, _ in sel)
     assert names(select_parameters(model, ["down.attn2.weight"])) == ["down.attn2.weight"]
     assert names(select_parameters(model, ["attn2.bias"])) == ["down.attn2.bias"]
     assert names(select_parameters(model, ["attn2"])) == ["down.attn2.bias", "down.attn2.weight"]

@@ -12,9 +12,9 @@ import psutil
 import pytest
 import torch
 
-from conftest import free_port
-
 from erase.saliency import load_mask
+
+from conftest import free_port
 from test_train import ENV, TRAIN, run_train, small_run, weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
     plugin route, the killed one through --fsdp: resumed, the same weights to the bit (the plugin's
     gradient accumulation held the sync back and summed in another order: 225,001 weights differed).
     A sharded checkpoint or mask is refused elsewhere."""
-    args = lambda out, *extra: ["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"),  # noqa: E731
+    args = lambda out, *extra: ["--concept", "nudity", *small_run(tiny_sd_path, out, tmp_path / "cache"),
                                 "--max-train-steps", "12", "--checkpointing-steps", "4",
                                 "--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", "--adversarial-pool", "2", *extra]
     one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "4"))
@@ -101,14 +101,15 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
 
     killed = tmp_path / "killed"
     checkpoint = tmp_path / ".killed.partial" / "checkpoints" / "checkpoint-4"
-    proc = subprocess.Popen(launch(2) + [TRAIN, *args(killed, "--fsdp", "--gradient-accumulation-steps", "2")], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(launch(2) + [TRAIN, *args(killed, "--fsdp", "--gradient-accumulation-steps", "2")], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not checkpoint.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     kill_tree(proc)
     assert not killed.exists(), "the run finished before it could be killed"
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["adversarial.safetensors", *(f"{w}.rank{r}-of-2.safetensors" for w in ("optimizer", "unet")
-                                                                                        for r in (0, 1))]
+    shards = [f"{w}.rank{r}-of-2.safetensors" for w in ("optimizer", "unet") for r in (0, 1)]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["adversarial.safetensors", *shards]
 
     unsharded = run_train(args(killed, "--gradient-accumulation-steps", "2", "--resume-from-checkpoint", str(checkpoint)))
     assert unsharded.returncode != 0 and "written by a sharded run" in unsharded.stderr
@@ -130,7 +131,7 @@ def test_sharded_families_match_one_process(family: str, extra: list[str], tiny_
     for the mask's entries only) in bf16, where the two runs' gradients differ in their last bits: a
     mask within 3% of the bits, and every tensor the mask lets move has moved (under autocast's cast
     cache, SalUn's no-grad anchor pass left the sharded units without gradients)."""
-    args = lambda out, *more: ["--concept", "nudity", *small_run(tiny_family_paths[family], out, tmp_path / "cache"), *extra, *more]  # noqa: E731
+    args = lambda out, *more: ["--concept", "nudity", *small_run(tiny_family_paths[family], out, tmp_path / "cache"), *extra, *more]
     one = run_train(args(tmp_path / "one", "--gradient-accumulation-steps", "2"))
     assert one.returncode == 0, one.stderr[-3000:]
     sharded = run_train(args(tmp_path / "sharded", "--fsdp"), launcher=launch(2))
@@ -174,7 +175,7 @@ def test_accelerates_fsdp_plugin_selects_sharding_and_must_be_fsdp2() -> None:
     from erase.sharding import sharding_of
 
     cfg = SimpleNamespace(fsdp=False, method="salun", adversarial=False, mixed_precision="bf16")
-    plugin = lambda version: SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2,  # noqa: E731
+    plugin = lambda version: SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2,
                                              state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
     assert sharding_of(cfg, plugin(2))
     with pytest.raises(BadInput, match="fsdp_version 2"):

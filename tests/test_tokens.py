@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
 
 from erase.tokens import PlaceholderTokens, project_simplex, straight_through_one_hot, sweep_timesteps
+
+from conftest import DEVICES
 
 
 def simplex_by_sorting(a: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
 from safetensors.torch import load_file
 
 from erase.saliency import load_mask
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "erase" / "train.py")
@@ -218,7 +219,7 @@ def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_p
     if family == "sd1-adversarial":
         common += ["--adversarial", "--adversarial-every", "3", "--adversarial-steps", "2", "--adversarial-vectors", "2",
                    "--adversarial-trains", "both"]  # the text encoder's weights and moments come back too
-    args = lambda out: common + small_run(model, out, tmp_path / "cache") + ["--max-train-steps", "8"]  # noqa: E731
+    args = lambda out: common + small_run(model, out, tmp_path / "cache") + ["--max-train-steps", "8"]
     full = run_train(args(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
 
@@ -263,14 +264,14 @@ def test_processes_share_the_generation_within_a_short_collective_timeout(tiny_s
     the run completes, and the cache holds the same files, byte for byte, as a one-process run's."""
     from test_sharding import launch
 
-    args = lambda out, cache, *more: ["--concept", "nudity", *small_run(tiny_sd_path, out, cache), "--num-images", "40",  # noqa: E731
+    args = lambda out, cache, *more: ["--concept", "nudity", *small_run(tiny_sd_path, out, cache), "--num-images", "40",
                                       "--generation-steps", "30", "--max-train-steps", "1", *more]
     one = run_train(args(tmp_path / "one", tmp_path / "cache1"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_train(args(tmp_path / "two", tmp_path / "cache2", "--ddp-timeout", "3"), launcher=launch(2))
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "erase_config.json").read_text())["num_processes"] == 2
-    files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     cached1, cached2 = files(tmp_path / "cache1"), files(tmp_path / "cache2")
     assert len(cached1) == 2 * 41 and cached1 == cached2  # 40 images and an index per set
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICES, build_tiny_pipeline
-from test_train import run_train, weights
 
 from erase.sd import encode_prompts
 from erase.uce import UCEScales, _aligned_rows, _starts, cross_attention_projections, uce_edit, uce_matrix
+
+from conftest import DEVICES, build_tiny_pipeline
+from test_train import run_train, weights
 
 FORGET = ["a red handwritten digit seven", "a blue handwritten digit seven"]
 ANCHOR = ["a red handwritten digit eight", "a blue handwritten digit eight"]

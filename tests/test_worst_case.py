@@ -163,7 +163,8 @@ def test_unrolled_implicit_term_matches_autograd() -> None:
     v = torch.autograd.grad((w * ce).sum(), params)
     want = []
     for i in range(12):
-        h = (nn.functional.cross_entropy(model(x[i : i + 1].double()), y_wrong[i : i + 1]) - nn.functional.cross_entropy(model(x[i : i + 1].double()), y[i : i + 1])) / 12
+        loss = lambda labels: nn.functional.cross_entropy(model(x[i : i + 1].double()), labels[i : i + 1])
+        h = (loss(y_wrong) - loss(y)) / 12
         grads = torch.autograd.grad(h, params)
         want.append(-0.1 * sum((a * b).sum() for a, b in zip(v, grads)))
     assert torch.allclose(got, torch.stack(want), rtol=1e-4, atol=1e-9)

@@ -20,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = one_line_errors(argparse.ArgumentParser(prog="python -m erase.digits", description="Rebuild the embedded digits model or its judging classifier."))
+    parser = one_line_errors(argparse.ArgumentParser(prog="python -m erase.digits",
+                                                     description="Rebuild the embedded digits model or its judging classifier."))
     parser.add_argument("--train", action="store_true", help="train the pipeline from scratch")
     parser.add_argument("--train-classifier", action="store_true", help="train the judging classifier")
     parser.add_argument("--output-dir", default=str(MODEL_DIR), help="pipeline folder to write")

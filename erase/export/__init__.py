@@ -12,8 +12,8 @@ import os
 # diffusers first imports it; `python -m erase.export`'s stderr should hold only its one-line errors.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from erase.export.delta import apply_delta, export_delta  # noqa: E402
-from erase.export.lora import export_lora  # noqa: E402
-from erase.export.single_file import export_single_file  # noqa: E402
+from erase.export.delta import apply_delta, export_delta
+from erase.export.lora import export_lora
+from erase.export.single_file import export_single_file
 
 __all__ = ["apply_delta", "export_delta", "export_lora", "export_single_file"]

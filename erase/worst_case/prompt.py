@@ -231,8 +231,8 @@ def load_candidates(path: str | None) -> tuple[list[str], list[str]]:
 def build_prompt_problem(cfg: WorstCaseConfig, pipe, prompts: Sequence[str], anchors: Sequence[str],
                          device: str | torch.device | None = None) -> PromptProblem:
     """The prompt-wise problem on `pipe`'s UNet, on `device` (default: the pipeline's)."""
-    from erase.objectives import training_scheduler
     from erase.families import frozen_parts
+    from erase.objectives import training_scheduler
     from erase.sd import sampler_defaults
 
     steps, guidance = sampler_defaults(cfg.model)
