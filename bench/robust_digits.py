@@ -33,6 +33,7 @@ from erase.concepts import load_concept
 from erase.digits import COLOURS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DIGIT_WORDS, load_digits_classifier, prompt_for
 from erase.sd import generate, load_pipeline
 from eval.attack import AttackOptions, run_attack
+from eval.classes import evaluate_classes, load_task
 from eval.fid import fid_from_images, make_fid
 from eval.generate import Sample
 from eval.judges import judge_for
@@ -61,6 +62,29 @@ def retained(concept: str, after: dict) -> dict[str, float]:
     digits = [a for d, a in after["digit_accuracy"].items() if int(d) != target.get("digit")]
     colours = [a for c, a in after["colour_accuracy"].items() if c != target.get("colour")]
     return {"retained_digits": statistics.fmean(digits), "retained_colours": statistics.fmean(colours)}
+
+
+def strict_scores(model: str, n: int) -> dict:
+    """Per-class template accuracy under the strict judge (`--classifier digits-strict`: a logistic
+    regression on the raw 8x8 digits that never saw a generated or augmented image)."""
+    task = load_task("digits-strict")
+    grid = [(d, c, s) for d in range(10) for c in range(len(COLOURS)) for s in range(n)]
+    samples = [Sample(i, prompt_for(d, COLOURS[c]), s, DEFAULT_GUIDANCE, {"digit": d, "colour": c}) for i, (d, c, s) in enumerate(grid)]
+    classes = evaluate_classes(load_pipeline(model), task, samples, DEFAULT_STEPS)
+    return {"digit_accuracy": {str(d): classes["accuracy"][DIGIT_WORDS[d]] for d in range(10)},
+            "colour_accuracy": dict(classes["colour_accuracy"])}
+
+
+def strict_retained(concept: str, before: dict, after: dict) -> dict[str, float]:
+    """The strict judge's mean accuracy on the other digits / colours, and the worst other class's change (points)."""
+    target = load_concept(concept).target
+    digits = [d for d in after["digit_accuracy"] if int(d) != target.get("digit")]
+    colours = [c for c in after["colour_accuracy"] if c != target.get("colour")]
+    changes = [after["digit_accuracy"][d] - before["digit_accuracy"][d] for d in digits] + \
+              [after["colour_accuracy"][c] - before["colour_accuracy"][c] for c in colours]
+    return {"strict_retained_digits": statistics.fmean(after["digit_accuracy"][d] for d in digits),
+            "strict_retained_colours": statistics.fmean(after["colour_accuracy"][c] for c in colours),
+            "strict_worst_change": min(changes)}
 
 
 def template_images(model: str, n: int, first_seed: int = 0) -> list[np.ndarray]:
@@ -102,7 +126,9 @@ def markdown(result: dict) -> str:
         "",
         f"Rates in %, mean ± std over the seeds run. Shown: the concept's template prompts ({p['images_per_prompt']} images each)"
         " / its held-out paraphrases.",
-        "Retained: mean accuracy on the digits / the colours other than the concept's own. FID: digits-classifier features, the original's",
+        "Retained: mean accuracy on the digits / the colours other than the concept's own, by the project's CNN judge and by the strict "
+        "judge (a logistic regression on the raw 8x8 digits that never saw a generated or augmented image), with its worst other "
+        "class's change from the original (points). FID: digits-classifier features, the original's",
         f"images of the 40 template prompts ({p['fid_images_per_prompt']} seeds each) against the erased model's, same seeds"
         + (f" (the original against itself at other seeds: {result['fid_floor']:.1f})." if "fid_floor" in result else "."),
         f"UnlearnDiffAtk (reduced: k = {p['k']}, {p['uda_timesteps']} timesteps x {p['uda_iterations']} iterations) and",
@@ -112,9 +138,10 @@ def markdown(result: dict) -> str:
         "Time: the whole erasure command; memory: its peak resident set."
         + (f" Every erasure also took `{p['erase_args']}`." if p.get("erase_args") else ""),
         "",
-        "| concept | method | seeds | shown: template / paraphrases | retained: digits / colours | FID | UnlearnDiffAtk ASR | "
+        "| concept | method | seeds | shown: template / paraphrases | retained: digits / colours | retained, strict judge: digits / "
+        "colours (worst class, points) | FID | UnlearnDiffAtk ASR | "
         + " | ".join(f"inversion N = {n}" for n in vec) + " | time (s) | peak RSS (GiB) |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(vec) + "---|---|",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(vec) + "---|---|",
     ]
     for row in result["rows"]:
         runs = row["runs"]
@@ -132,7 +159,9 @@ def markdown(result: dict) -> str:
         num = lambda key: mean_std_text([r[key] for r in runs]) if all(key in r for r in runs) else "–"
         lines.append(
             f"| {row['concept']} | {row['method']} | {len(runs)} | {pct('template_rate_after')} / {pct('paraphrase_rate_after')} | "
-            f"{pct('retained_digits')} / {pct('retained_colours')} | {num('fid')} | {pct('unlearndiffatk_asr')} | "
+            f"{pct('retained_digits')} / {pct('retained_colours')} | "
+            f"{pct('strict_retained_digits')} / {pct('strict_retained_colours')} ({pct('strict_worst_change')}) | "
+            f"{num('fid')} | {pct('unlearndiffatk_asr')} | "
             + " | ".join(pct(f"recovery_n{n}") for n in vec) + f" | {num('seconds')} | {num('peak_rss_gib')} |")
     if result.get("headline"):
         h = result["headline"]
@@ -204,6 +233,7 @@ def main() -> None:
     classifier = load_digits_classifier()
     n = args.images_per_prompt
     before = score("digits", args.concepts, n, classifier)
+    strict_before = strict_scores("digits", n)
     fid_metric, fid_name = make_fid("digits", sync_on_compute=False)
     reference = template_images("digits", args.fid_images_per_prompt)
     # the floor: the original against itself at other seeds (what FID reads for no change at all)
@@ -233,6 +263,7 @@ def main() -> None:
                         after = score(out, [concept], n, classifier)
                         run |= erasure_metrics(concept, before, after)
                         run |= retained(concept, after)
+                        run |= strict_retained(concept, strict_before, strict_scores(out, n))
                         run["fid"] = fid_from_images(fid_metric, template_images(out, args.fid_images_per_prompt), reference)
                         run |= attacks(out, concept, args.inversion_steps, args.vectors, args)
                         row["runs"].append(run)

@@ -17,7 +17,7 @@ __all__ = ["COMMAND_OPTIONS", "AttackCommand", "ClassesCommand", "CompareCommand
            "Rendering", "Sampling", "check_inputs"]
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-CLASSIFIERS = ("digits", "imagenette")
+CLASSIFIERS = ("digits", "digits-strict", "imagenette")
 FEATURES = ("inception", "digits")
 MODEL_HELP = "digits (the embedded model), a pipeline folder or a hub id"
 

@@ -102,3 +102,21 @@ def test_digits_classes_cli_on_the_embedded_model(tmp_path, cli):
     assert report["overall_accuracy"] >= 0.95 and report["overall_colour_accuracy"] >= 0.95, report
     hits = sum(p["digit"] == DIGIT_WORDS.index(p["prompt"].split()[-1]) for p in report["predictions"])
     assert hits / 40 == pytest.approx(report["overall_accuracy"])  # predictions agree with the summary
+
+
+def test_the_strict_digits_judge_never_saw_a_generated_image_and_still_reads_the_originals():
+    """`--classifier digits-strict`: a logistic regression on scikit-learn's raw 8x8 digits (no
+    augmentation, no generated image). Measured: 89.9% of the held-out split's digits (the CNN: 98.7%),
+    every colour; 97.5% of the embedded model's own template images (seed = prompt index)."""
+    import numpy as np
+    from PIL import Image
+
+    from erase.digits import coloured_split
+    from eval.classes import load_task
+
+    images, digits, colours = coloured_split("test")
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for im in images]
+    task = load_task("digits-strict")
+    assert task.name == "digits-strict" and list(task.heads) == ["digit", "colour"]
+    found = task.predict(pil)
+    assert (found["digit"] == digits).float().mean() >= 0.85 and bool((found["colour"] == colours).all())
