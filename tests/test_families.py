@@ -66,15 +66,10 @@ def check_output(original: Path, erased: Path, frozen: list[str], method: str) -
 
 SDXL_FROZEN = ["vae", "text_encoder", "text_encoder_2"]
 LOADS_AS = {"sdxl": ("StableDiffusionXLPipeline", "epsilon"), "sd2": ("StableDiffusionPipeline", "v_prediction")}
-CASES = [
-    ("sdxl", "salun"), ("sd2", "salun"), ("sdxl", "uce"), ("sd2", "uce"),
-    pytest.param("sdxl", "rl", marks=pytest.mark.slow), pytest.param("sdxl", "esd-x", marks=pytest.mark.slow),
-    pytest.param("sdxl", "esd-u", marks=pytest.mark.slow), pytest.param("sd2", "rl", marks=pytest.mark.slow),
-    pytest.param("sd2", "esd-x", marks=pytest.mark.slow), pytest.param("sd2", "esd-u", marks=pytest.mark.slow),
-]
+CASES = [(family, method) for family in ("sdxl", "sd2") for method in ("salun", "uce", "rl", "esd-x", "esd-u")]  # every one fast
 
 
-@pytest.mark.parametrize("family", ["sdxl", pytest.param("sd2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
 def test_adversarial_erasure_runs_on_each_family(family: str, tiny_family_paths, tmp_path: Path) -> None:
     """The inner attack's placeholder words live in every text encoder (both of SDXL's); the
     published pipeline knows none of them."""

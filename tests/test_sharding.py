@@ -124,7 +124,7 @@ def test_two_sharded_processes_match_one_and_resume_after_kill(tiny_sd_path: Pat
     assert compare(tmp_path / "full", killed) == 0.0
 
 
-@pytest.mark.parametrize("family, extra", [pytest.param("sd2", ["--method", "esd-x"], marks=pytest.mark.slow),  # the suite's 5 minutes
+@pytest.mark.parametrize("family, extra", [("sd2", ["--method", "esd-x"]),
                                            ("sdxl", ["--optimizer-state", "masked", "--mixed-precision", "bf16"])])
 def test_sharded_families_match_one_process(family: str, extra: list[str], tiny_family_paths: dict, tmp_path: Path) -> None:
     """SD 2.x (ESD's sharded teacher) in fp32: the one-process mask and weights. SDXL (Adam's moments

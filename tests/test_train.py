@@ -206,7 +206,7 @@ def kill_after_checkpoint(args: list[str], out: Path, step: int = 2) -> None:
     assert not out.exists(), "the run finished before it could be killed"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd1-adversarial", pytest.param("sdxl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["sd1", "sd1-adversarial", "sdxl"])
 def test_resume_after_kill_matches_uninterrupted_run(family: str, request, tmp_path: Path) -> None:
     """Killed after a checkpoint and resumed: the same weights as the uninterrupted run. SD 1.x with
     Adam's moments for the mask's entries only (a checkpoint that dropped them restarts Adam); adversarial
