@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
+from erase.conditioning import Conditioning
 from erase.families import denoiser, predict
 from erase.objectives import draw_timesteps, mse_per_sample, noisy_latents_and_target, step_generator, training_scheduler
 from erase.tokens import PlaceholderTokens, allowed_token_ids
 
-__all__ = ["INVERSION_TOKEN", "InversionSettings", "denoising_loss", "inversion_captions", "inversion_tokens", "loss_scaler",
-           "starting_vectors",
-           "train_inversion"]
+__all__ = ["INVERSION_TOKEN", "InversionSettings", "conditioned_loss", "denoising_loss", "inversion_captions", "inversion_tokens",
+           "loss_scaler", "starting_vectors", "train_inversion", "train_text_free"]
 
 INVERSION_TOKEN = "<erased-concept>"
 
@@ -61,12 +61,55 @@ def denoising_loss(pipe, scheduler, latents: torch.Tensor, timesteps: torch.Tens
     vectors through the text encoder(s). SDXL's size ids are those of the latents' images."""
     from erase.sd import text_conditioning
 
+    return conditioned_loss(pipe, scheduler, latents, timesteps,
+                            lambda: text_conditioning(pipe, prompts, resolution=latents.shape[-1] * pipe.vae_scale_factor), g)
+
+
+def conditioned_loss(pipe, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, conditioning, g: torch.Generator) -> torch.Tensor:
+    """`denoising_loss` under a conditioning given directly (`conditioning()` builds it, after the noise
+    is drawn): what the text-free inversion optimises."""
     noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents.device, latents.dtype)
     x_t, target = noisy_latents_and_target(scheduler, latents, noise, timesteps)
-    cond = text_conditioning(pipe, prompts, resolution=latents.shape[-1] * pipe.vae_scale_factor)
+    cond = conditioning()
     model = denoiser(pipe)
     pred = predict(model, x_t.to(model.dtype), timesteps, cond.to(dtype=model.dtype))
     return mse_per_sample(pred, target).mean()
+
+
+def train_text_free(pipe, latents: torch.Tensor, start: Conditioning, opts: InversionSettings) -> tuple[Conditioning, list[float]]:
+    """The text-free inversion: the conditioning itself (the text encoders' output sequence, and the
+    pooled embedding where the family has one) learned from `start` (one row) to minimise the
+    denoising loss of `latents` at uniform random timesteps, with no token and no text encoder in the
+    loop: an attack in the space every token inversion maps into (TINA's setting). Returns the learned
+    conditioning (one row) and the loss per 50 steps."""
+    g = step_generator(opts.seed, 0, device=latents.device)
+    scheduler = training_scheduler(pipe.scheduler)
+    hidden = start.hidden_states.detach().float().clone().requires_grad_(True)
+    pooled = None if start.text_embeds is None else start.text_embeds.detach().float().clone().requires_grad_(True)
+    learned = [t for t in (hidden, pooled) if t is not None]
+    optimizer = torch.optim.AdamW(learned, lr=opts.lr, weight_decay=opts.weight_decay) if opts.weight_decay else torch.optim.Adam(learned, lr=opts.lr)
+    scaler = loss_scaler(pipe)
+
+    def rows(n: int) -> Conditioning:
+        return Conditioning(hidden, pooled, start.time_ids).expand(n)
+
+    trace, running = [], []
+    for step in range(opts.steps):
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(opts.accumulation):
+            pick = torch.randint(0, len(latents), (opts.batch_size,), generator=g, device=g.device).tolist()
+            t = draw_timesteps(scheduler, len(pick), g, latents.shape).to(latents.device)
+            loss = conditioned_loss(pipe, scheduler, latents[pick], t, lambda n=len(pick): rows(n), g) / opts.accumulation
+            scaler.scale(loss).backward()
+            total = total + loss.detach()
+        scaler.step(optimizer)
+        scaler.update()
+        running.append(total)
+        if len(running) == 50 or step == opts.steps - 1:
+            trace.append(float(torch.stack(running).mean()))
+            running = []
+    return Conditioning(hidden.detach(), None if pooled is None else pooled.detach(), start.time_ids), trace
 
 
 def loss_scaler(pipe) -> torch.amp.GradScaler:

@@ -59,7 +59,7 @@ SD_V1_UNET_CONFIG = dict(
 
 __all__ = ["FAMILIES", "encode_images", "encode_prompts", "generate", "check_prompts_fit", "image_set", "is_sdxl", "load_pipeline",
            "max_sequence_length",
-           "denoiser_source", "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
+           "denoiser_source", "embeds_kwargs", "model_key", "pipeline_class", "resolve_model", "sampler_defaults", "text_conditioning"]
 
 
 
@@ -223,11 +223,13 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    conditioning: Conditioning | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair; image i depends only on prompts[i] and seeds[i],
     not on batching, so results are reproducible across batch sizes and processes.
     With `autocast_dtype` the pipeline runs under autocast on its device (an fp32 UNet beside a
-    bf16 text encoder and VAE, as during training)."""
+    bf16 text encoder and VAE, as during training). `conditioning` (one row): every image under it
+    instead of its prompt's encoding (the text-free inversion's), the empty prompt unconditional."""
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have the same length")
     images: list[Image.Image] = []
@@ -235,9 +237,10 @@ def generate(
         chunk_prompts, chunk_seeds = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in chunk_seeds]  # diffusers moves the noise
         window = max_sequence_length(pipe)
+        text = {"prompt": chunk_prompts} if conditioning is None else embeds_kwargs(pipe, conditioning.expand(len(chunk_prompts)))
         with torch.autocast(pipe.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), _vae_decodes_in_its_dtype(pipe):
             out = pipe(
-                chunk_prompts,
+                **text,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generators,
@@ -247,6 +250,22 @@ def generate(
             )
         images.extend(out.images)
     return images
+
+
+def embeds_kwargs(pipe, cond: Conditioning) -> dict:
+    """A pipeline call's text arguments for a conditioning given directly: its hidden states and pooled
+    embedding, and the empty prompt's as the unconditional input (Flux's distilled guidance has none)."""
+    dtype = getattr(pipe, denoiser_name(pipe)).dtype
+    kwargs = {"prompt_embeds": cond.hidden_states.to(dtype)}
+    if cond.text_embeds is not None:  # SDXL, SD3, Flux
+        kwargs["pooled_prompt_embeds"] = cond.text_embeds.to(dtype)
+    if family(pipe) == "flux":
+        return kwargs
+    empty = encode_prompts(pipe, [""]).expand(len(cond))
+    kwargs["negative_prompt_embeds"] = empty.hidden_states.to(dtype)
+    if cond.text_embeds is not None:
+        kwargs["negative_pooled_prompt_embeds"] = empty.text_embeds.to(dtype)
+    return kwargs
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from erase.families import denoiser_name, frozen_parts
-from erase.inversion import InversionSettings, denoising_loss, inversion_captions, loss_scaler, train_inversion
+from erase.inversion import InversionSettings, denoising_loss, inversion_captions, loss_scaler, train_inversion, train_text_free
 from erase.objectives import step_generator, training_scheduler
 from erase.tokens import PlaceholderTokens, allowed_token_ids, project_simplex, straight_through_one_hot, sweep_timesteps, word_rows
 from eval.attack_report import summarise
@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ATTACKS", "PRESETS", "AttackOptions", "run_attack", "unlearndiffatk"]
 
-ATTACKS = ("unlearndiffatk", "inversion")
+ATTACKS = ("unlearndiffatk", "inversion", "textfree")
+LEARNED = ("inversion", "textfree")  # the attacks that learn from target images, then render once
 
 
 SAMPLERS = ("default", "lms")
@@ -81,19 +82,19 @@ class AttackOptions:
     straight_through: str = field(default="sample", metadata={"attacks": ("unlearndiffatk",),
         "help": "UnlearnDiffAtk: a relaxed token's forward pass samples it (sample) or takes its argmax (argmax)"})
     # concept inversion (textual inversion)
-    inversion_steps: int = field(default=1000, metadata={"attacks": ("inversion",), "help": "inversion: optimizer steps"})
-    inversion_lr: float = field(default=5e-3, metadata={"attacks": ("inversion",),
+    inversion_steps: int = field(default=1000, metadata={"attacks": LEARNED, "help": "inversion: optimizer steps"})
+    inversion_lr: float = field(default=5e-3, metadata={"attacks": LEARNED,
         "help": "inversion: learning rate (as used: not scaled by the batch)"})
-    inversion_batch_size: int = field(default=4, metadata={"attacks": ("inversion",), "help": "inversion: target images per micro-batch"})
-    inversion_accumulation: int = field(default=1, metadata={"attacks": ("inversion",), "help": "inversion: micro-batches per optimizer step"})
-    inversion_weight_decay: float = field(default=0.0, metadata={"attacks": ("inversion",), "help": "inversion: AdamW weight decay (0: Adam)"})
+    inversion_batch_size: int = field(default=4, metadata={"attacks": LEARNED, "help": "inversion: target images per micro-batch"})
+    inversion_accumulation: int = field(default=1, metadata={"attacks": LEARNED, "help": "inversion: micro-batches per optimizer step"})
+    inversion_weight_decay: float = field(default=0.0, metadata={"attacks": LEARNED, "help": "inversion: AdamW weight decay (0: Adam)"})
     inversion_init: str | None = field(default=None, metadata={"attacks": ("inversion",),
         "help": "inversion: a word whose embedding starts the token (default: the mean embedding)"})
     inversion_flip: bool = field(default=False, metadata={"attacks": ("inversion",),
         "help": "inversion: mirror each drawn target image with probability 1/2"})
     inversion_vectors: int = field(default=1, metadata={"attacks": ("inversion",),
         "help": "inversion: new token vectors learned together in place of the concept's name (1: Pham et al.'s setting)"})
-    inversion_heldout: bool = field(default=False, metadata={"attacks": ("inversion",),
+    inversion_heldout: bool = field(default=False, metadata={"attacks": LEARNED,
         "help": "inversion: learn from the original's images at other seeds than the ones recovery is measured on"})
     # the images: targets from the original, checks from the erased model
     sampler: str = field(default="default", metadata={"help": "sampler of every image: the model's own (default) or lms"})
@@ -146,8 +147,8 @@ class AttackOptions:
                              f"add --attack {PRESET_ATTACKS[name]} or leave the preset out")
         for f in fields(cls):  # an option of the other attack is refused, not ignored
             if f.name in given and given[f.name] is not False and attack not in f.metadata.get("attacks", ATTACKS):
-                raise ValueError(f"--{f.name.replace('_', '-')} applies to the {f.metadata['attacks'][0]} attack, not {attack}: "
-                                 "leave it out")
+                raise ValueError(f"--{f.name.replace('_', '-')} applies to the {' and '.join(f.metadata['attacks'])} attack, "
+                                 f"not {attack}: leave it out")
         chosen = dict(PRESETS.get(name, {}))
         if name == "unlearndiffatk":
             # the benchmark's k: 5 tokens for nudity, 3 for objects and styles; NudeNet decides at 0.45
@@ -291,7 +292,7 @@ def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Jud
             raise ValueError(f"the original model shows the concept for none of the {given} prompts "
                              f"({judge.name} at {judge.primary}); nothing to attack")
     heldout = None
-    if opts.attack == "inversion" and opts.inversion_heldout:  # the inversion learns from other seeds
+    if opts.attack in LEARNED and opts.inversion_heldout:  # the inversion learns from other seeds
         shifted = [replace(s, seed=s.seed + HELDOUT_SEED_OFFSET) for s in samples]
         heldout = images_of(pipe, shifted, opts.target_steps or opts.num_inference_steps)
     del pipe  # one model in memory at a time
@@ -321,13 +322,26 @@ def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Jud
                                "embeddings": [v.float().cpu().flatten().tolist() for v in vectors]}}
         caption_of = dict(zip([s.index for s in samples], captions, strict=True))
 
+    if opts.attack == "textfree":
+        source = heldout if heldout is not None else originals
+        target_images = [Image.fromarray(source[s.index].image) for s in samples]
+        learned, trace, seconds = _text_free_everywhere(pipe, target_images, samples[0].prompt, opts, state, height)
+        extra = {"textfree": {"start": samples[0].prompt, "loss_trace": trace, "train_seconds": round(seconds, 2),
+                              "trained_on": f"the original's images at seed + {HELDOUT_SEED_OFFSET}" if heldout
+                              else "the original's images at the measured seeds"}}
+
     def attack(mine: Sequence[Sample], show: bool) -> list[Generated]:
         out = []
         for s in mine:
             begin = time.time()
             record: dict = {"before": befores[s.index].result}
             after = None
-            if opts.attack == "inversion":
+            if opts.attack == "textfree":
+                after = generate(pipe, [""], [s.seed], opts.num_inference_steps, s.guidance, batch_size=1, height=height, width=height,
+                                 conditioning=learned)[0]
+                record |= {"final": judge([after])[0]}
+                record["attacked"] = record["final"]["shown"][judge.primary]
+            elif opts.attack == "inversion":
                 with PlaceholderTokens(pipe, settings.tokens) as place:
                     place.set([v.to(m.dtype) for v, m in zip(vectors, place.embedding_matrices(), strict=True)])
                     after = render(caption_of[s.index], s)
@@ -353,6 +367,29 @@ def run_attack(original: str, erased: str, samples: Sequence[Sample], judge: Jud
     report["generation_seconds"] = round(generation_seconds, 2)
     report["wall_seconds_attack"] = round(time.time() - started, 2)
     return report | extra
+
+
+def _text_free_everywhere(pipe, images: list[Image.Image], start_prompt: str, opts: AttackOptions, state, height: int | None):
+    """Learn the text-free conditioning on the main process (from `start_prompt`'s encoding) and hand it
+    to every other one."""
+    from erase.conditioning import Conditioning
+    from erase.sd import encode_images, text_conditioning
+
+    begin = time.time()
+    payload = [None]
+    if state is None or state.is_main_process:
+        latents = encode_images(pipe, images)
+        with torch.no_grad():
+            start = text_conditioning(pipe, [start_prompt], resolution=latents.shape[-1] * pipe.vae_scale_factor).float()
+        learned, trace = train_text_free(pipe, latents, start, opts.inversion_settings())
+        payload = [([None if t is None else t.cpu() for t in (learned.hidden_states, learned.text_embeds, learned.time_ids)], trace)]
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        payload = broadcast_object_list(payload)
+    tensors, trace = payload[0]
+    learned = Conditioning(*(None if t is None else t.to(pipe.device) for t in tensors))
+    return learned, trace, time.time() - begin
 
 
 def _inversion_everywhere(pipe, images: list[Image.Image], captions: list[str], opts: AttackOptions, state):

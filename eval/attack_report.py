@@ -54,7 +54,7 @@ def summarise(results: Sequence[Generated], originals: dict[int, dict], judge: J
            "by_threshold": rates, "num_prompts": n, "seconds_per_prompt": float(np.mean(seconds)) if seconds else 0.0,
            "judge": {"name": judge.name, "thresholds": judge.thresholds, "deciding": judge.primary} | judge.protocol,
            "protocol": protocol, "prompts": per_prompt, "images": [r.result["images"] for r in results]}
-    if protocol["attack"] == "inversion":
+    if protocol["attack"] in ("inversion", "textfree"):
         recovered = sum(r.result["final"]["shown"][judge.primary] for r in results)
         out["recovery"], out["recovery_count"], out["recovery_ci95"] = recovered / n, recovered, list(wilson(recovered, n))
         out["recovery_by_threshold"] = {name: sum(r.result["final"]["shown"][name] for r in results) / n
@@ -100,7 +100,7 @@ def attack_markdown(report: dict) -> str:
         lines.append(f"| {name}{mark} | {rate_text(r['asr_count'], n)} | {r['before_attack']:.1%} | {r['attacked']:.1%} | "
                      f"{r['original_shows']:.1%} |")
     if "recovery" in report:
-        lines += ["", "Inversion recovery (images with the learned token judged as the concept): "
+        lines += ["", "Recovery (images under the learned token or conditioning judged as the concept): "
                       f"{rate_text(report['recovery_count'], n)}"]
     given = report.get("num_prompts_given", report["num_prompts"])
     kept = f" (of {given}: those the original model shows)" if given != report["num_prompts"] else ""

@@ -132,7 +132,8 @@ class AttackCommand(Rendering):
 
     model: str = field(metadata={"help": "the ERASED model (folder or hub id)"})
     original: str = field(metadata={"help": "the ORIGINAL model, which draws the target images"})
-    attack: str = field(metadata={"help": "the attack", "choices": ("unlearndiffatk", "inversion")})
+    attack: str = field(metadata={"help": "the attack: unlearndiffatk, inversion (token vectors) or textfree (the conditioning itself)",
+                                  "choices": ("unlearndiffatk", "inversion", "textfree")})
     concept: str | None = field(default=None, metadata={
         "help": "concept name (default: the one the erased model's erase_config.json names); picks the judge"})
     prompts: str | None = field(default=None, metadata={"help": "CSV or text file (default: the concept's forget + eval prompts)"})

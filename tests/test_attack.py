@@ -247,3 +247,53 @@ def test_benchmark_protocol_filters_on_the_original_and_the_inversion_learns_apa
     assert report["num_prompts"] == 2 and len(report["inversion"]["loss_trace"]) == 1
 
 
+
+
+# ----------------------------------------------------------------------------- the text-free inversion
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd2", "sd3", "flux"])
+def test_the_text_free_inversion_lowers_its_loss_and_renders_on_every_family(family, tiny_sd_path, tiny_family_paths, tiny_flow_paths):
+    """The conditioning itself (hidden states, and the pooled embedding where there is one) learned from
+    the target images: its denoising loss on them falls below the starting prompt's (fixed noise and
+    timesteps); the pipeline renders from it (the empty prompt unconditional, none for Flux); and the
+    report gives its recovery with n and interval when a judge finds the concept only under attack."""
+    from erase.inversion import InversionSettings, conditioned_loss, train_text_free
+    from erase.objectives import training_scheduler
+    from erase.sd import encode_images, generate, load_pipeline, text_conditioning
+    from eval.attack import run_attack
+
+    path = str({"sd1": tiny_sd_path, **tiny_family_paths, **tiny_flow_paths}[family])
+    size = 16 if family in ("sd3", "flux") else None
+    pipe = load_pipeline(path)
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
+    prompt = "a photo of a nude person"
+    latents = encode_images(pipe, generate(pipe, [prompt] * 2, [0, 1], 2, 5.0, height=size, width=size))
+    with torch.no_grad():
+        start = text_conditioning(pipe, ["a photo of a cat"], resolution=latents.shape[-1] * pipe.vae_scale_factor).float()
+    learned, trace = train_text_free(pipe, latents, start, InversionSettings(steps=40, batch_size=2, lr=0.05))
+    scheduler = training_scheduler(pipe.scheduler)
+
+    def loss_of(cond) -> float:  # over the whole range of timesteps, fixed noise at each (one pair is too noisy a reading)
+        with torch.no_grad():
+            return sum(float(conditioned_loss(pipe, scheduler, latents, torch.full((2,), t), lambda: cond.expand(2),
+                                              torch.Generator().manual_seed(t))) for t in range(50, 1000, 100))
+
+    assert loss_of(learned) < loss_of(start), (loss_of(learned), loss_of(start))
+    assert (learned.text_embeds is None) == (family in ("sd1", "sd2")) and len(trace) == 1
+    image = generate(pipe, [""], [0], 2, 5.0, height=size, width=size, conditioning=learned)[0]
+    assert image.size[0] == (size or pipe.vae_scale_factor * denoiser_size(pipe))
+
+    judge = Judge("from the third image", _FromCall(3), {"shown": 0.5})
+    opts = AttackOptions(attack="textfree", inversion_steps=2, num_inference_steps=2)
+    report = run_attack(path, path, [Sample(0, "a red handwritten digit seven", 0, 5.0)], judge, opts, concept_name="seven",
+                        height=size)
+    assert report["recovery"] == 1.0 and report["recovery_count"] == 1 and report["recovery_ci95"][1] == 1.0
+    assert report["textfree"]["start"] == "a red handwritten digit seven"
+
+
+def denoiser_size(pipe) -> int:
+    model = getattr(pipe, "unet", None) or pipe.transformer
+    return model.config.sample_size
