@@ -142,9 +142,6 @@ class PlaceholderTokens:
         for module, v in zip(self.modules, vectors, strict=True):
             module.vectors = v
 
-    def token_ids(self) -> list[list[int]]:
-        return [m.ids for m in self.modules]
-
 
 def _pooling_module(encoder: nn.Module) -> nn.Module:
     """The module that holds `eos_token_id` for pooling (transformers 5: the CLIPTextModel itself,

@@ -6,7 +6,7 @@ import os
 # diffusers first imports it; `python -m eval`'s stderr should hold its progress and one-line errors.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from eval.classes import ClassAccuracy
+from eval.classes import ClassAccuracy, ClassTask, per_class_counts
 from eval.fid import DigitsFeatures, make_fid
 from eval.nudity import EXPOSED_LABELS, NudityScore, count_exposed
 from eval.report import compare

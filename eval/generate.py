@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Generated", "Sample", "generate_samples", "image_name", "image_paths", "load_image_folder", "read_image",
+__all__ = ["Generated", "Sample", "generate_samples", "image_name", "image_paths", "read_image",
            "read_prompt_lines", "score_folder", "sharded"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -154,11 +154,6 @@ def image_paths(folder: str | os.PathLike) -> list[str]:
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return paths
-
-
-def load_image_folder(folder: str | os.PathLike) -> list[Image.Image]:
-    """Every image of `folder` (see `image_paths`) as RGB; a ValueError for an unreadable file."""
-    return [read_image(p) for p in image_paths(folder)]
 
 
 def read_prompt_lines(path: str | os.PathLike) -> list[str]:

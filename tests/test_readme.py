@@ -127,3 +127,17 @@ def test_the_option_tables_are_rendered_from_the_parsers_declarations():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (ROOT / "docs" / "options.md").read_text() == module.render(), "docs/options.md is stale: run python docs/render_options.py"
+
+
+def test_every_package_exports_what_it_names():
+    """Each name in erase's and eval's __all__ lists exists (eval named two it never imported)."""
+    import importlib
+    import pkgutil
+
+    import erase
+    import eval as evaluation
+
+    for package in (erase, evaluation):
+        for module in [package, *(importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__))]:
+            missing = [n for n in getattr(module, "__all__", []) if not hasattr(module, n)]
+            assert not missing, (module.__name__, missing)
