@@ -57,6 +57,13 @@ def test_installed_wheel_knows_every_concept_and_trains(installed, tmp_path: Pat
     record = json.loads((out / "erase_config.json").read_text())
     assert record["concept"]["name"] == "seven" and record["config"]["max_train_steps"] == 2
     assert record["versions"]["erase"] == "0.1.0" and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # the one console command, from the wheel: every subcommand listed, each reaching its own parser
+    listed = subprocess.run([str(target / "bin" / "erase"), "--help"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and all(f"  {c}" in listed.stdout for c in ("train", "export", "eval", "attack", "digits",
+                                                                             "worst-case", "classifier", "app")), listed.stdout
+    digits = subprocess.run([str(target / "bin" / "erase"), "digits", "--help"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert digits.returncode == 0 and "--train" in digits.stdout, digits.stderr[-2000:]
 
 
 @pytest.mark.slow
