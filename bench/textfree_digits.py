@@ -30,6 +30,7 @@ from erase_digits import ROOT, erase_command
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concept", default="seven")
+    parser.add_argument("--adversarial", action="store_true", help="erase with --adversarial (the recipe) instead of plain SalUn")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--images-per-prompt", type=int, default=8)
@@ -44,7 +45,8 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         erased = os.path.join(tmp, "erased")
-        subprocess.run(erase_command(args.concept, "salun", 0, erased, os.path.join(tmp, "cache")), check=True,
+        method = "salun+adversarial" if args.adversarial else "salun"
+        subprocess.run(erase_command(args.concept, method, 0, erased, os.path.join(tmp, "cache")), check=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         attacks = {f"token inversion, N = {n}": AttackOptions(attack="inversion", inversion_vectors=n, inversion_steps=args.steps,
                                                               inversion_heldout=True, num_inference_steps=DEFAULT_STEPS)
@@ -57,10 +59,12 @@ def main() -> None:
             rows[name] = {"recovered": report["recovery_count"], "n": len(samples), "ci95": report["recovery_ci95"],
                           "seconds": round(time.perf_counter() - began, 1)}
             print(name, rows[name], flush=True)
-    result = {"command": f"python bench/textfree_digits.py --concept {args.concept} --steps {args.steps}", "machine": machine(),
-              "concept": args.concept, "erasure": "salun, seed 0, the digits recipe", "steps": args.steps, "rows": rows,
+    erasure = "salun --adversarial" if args.adversarial else "salun"
+    result = {"command": f"python bench/textfree_digits.py --concept {args.concept} --steps {args.steps}"
+                         + (" --adversarial" if args.adversarial else "") + f" --out {args.out}", "machine": machine(),
+              "concept": args.concept, "erasure": f"{erasure}, seed 0, the digits recipe", "steps": args.steps, "rows": rows,
               "wall_seconds": round(time.perf_counter() - start, 1)}
-    lines = [f"# Text-free against token inversion: plain SalUn on \"{args.concept}\" (embedded digits model)", "",
+    lines = [f"# Text-free against token inversion: {erasure} on \"{args.concept}\" (embedded digits model)", "",
              f"{args.prompts} prompts x {m} seeds = {len(samples)} judged images per attack; each attack learns from the original's "
              f"images at other seeds, {args.steps} steps.", "",
              "| attack | recovery (count of n; 95% interval) | seconds |", "|---|---|---|"]
