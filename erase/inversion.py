@@ -86,21 +86,31 @@ def train_text_free(pipe, latents: torch.Tensor, start: Conditioning, opts: Inve
     scheduler = training_scheduler(pipe.scheduler)
     hidden = start.hidden_states.detach().float().clone().requires_grad_(True)
     pooled = None if start.text_embeds is None else start.text_embeds.detach().float().clone().requires_grad_(True)
-    learned = [t for t in (hidden, pooled) if t is not None]
-    optimizer = torch.optim.AdamW(learned, lr=opts.lr, weight_decay=opts.weight_decay) if opts.weight_decay else torch.optim.Adam(learned, lr=opts.lr)
-    scaler = loss_scaler(pipe)
 
     def rows(n: int) -> Conditioning:
         return Conditioning(hidden, pooled, start.time_ids).expand(n)
 
+    def micro_batch_loss() -> torch.Tensor:
+        pick = torch.randint(0, len(latents), (opts.batch_size,), generator=g, device=g.device).tolist()
+        t = draw_timesteps(scheduler, len(pick), g, latents.shape).to(latents.device)
+        return conditioned_loss(pipe, scheduler, latents[pick], t, lambda: rows(len(pick)), g)
+
+    trace = _optimise(pipe, [t for t in (hidden, pooled) if t is not None], opts, micro_batch_loss)
+    return Conditioning(hidden.detach(), None if pooled is None else pooled.detach(), start.time_ids), trace
+
+
+def _optimise(pipe, params: list[torch.Tensor], opts: InversionSettings, micro_batch_loss) -> list[float]:
+    """`opts.steps` steps of Adam (AdamW with `opts.weight_decay`) on `params`, each over `opts.accumulation`
+    micro-batches of `micro_batch_loss()`, the loss scaled under fp16; returns the mean loss per 50 steps."""
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay) if opts.weight_decay \
+        else torch.optim.Adam(params, lr=opts.lr)
+    scaler = loss_scaler(pipe)
     trace, running = [], []
     for step in range(opts.steps):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(opts.accumulation):
-            pick = torch.randint(0, len(latents), (opts.batch_size,), generator=g, device=g.device).tolist()
-            t = draw_timesteps(scheduler, len(pick), g, latents.shape).to(latents.device)
-            loss = conditioned_loss(pipe, scheduler, latents[pick], t, lambda n=len(pick): rows(n), g) / opts.accumulation
+            loss = micro_batch_loss() / opts.accumulation
             scaler.scale(loss).backward()
             total = total + loss.detach()
         scaler.step(optimizer)
@@ -109,7 +119,7 @@ def train_text_free(pipe, latents: torch.Tensor, start: Conditioning, opts: Inve
         if len(running) == 50 or step == opts.steps - 1:
             trace.append(float(torch.stack(running).mean()))
             running = []
-    return Conditioning(hidden.detach(), None if pooled is None else pooled.detach(), start.time_ids), trace
+    return trace
 
 
 def loss_scaler(pipe) -> torch.amp.GradScaler:
@@ -155,30 +165,16 @@ def train_inversion(pipe, latents: torch.Tensor, captions: Sequence[str], opts: 
     with PlaceholderTokens(pipe, opts.tokens) as place:
         matrices = place.embedding_matrices()
         vectors = [v.requires_grad_(True) for v in starting_vectors(place, opts.vectors, opts.init)]
-        if opts.weight_decay:
-            optimizer = torch.optim.AdamW(vectors, lr=opts.lr, weight_decay=opts.weight_decay)
-        else:
-            optimizer = torch.optim.Adam(vectors, lr=opts.lr)
-        scaler = loss_scaler(pipe)
-        trace, running = [], []
-        for step in range(opts.steps):
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for _ in range(opts.accumulation):
-                pick = torch.randint(0, len(latents), (opts.batch_size,), generator=g, device=g.device).tolist()
-                t = draw_timesteps(scheduler, len(pick), g, latents.shape).to(latents.device)
-                batch = latents[pick]
-                if opts.flip:
-                    flip = torch.rand(len(pick), generator=g, device=g.device).to(latents.device) < 0.5
-                    batch = torch.where(flip[:, None, None, None], mirrored[pick], batch)
-                place.set([v.to(m.dtype) for v, m in zip(vectors, matrices, strict=True)])
-                loss = denoising_loss(pipe, scheduler, batch, t, [captions[i] for i in pick], g) / opts.accumulation
-                scaler.scale(loss).backward()
-                total = total + loss.detach()
-            scaler.step(optimizer)
-            scaler.update()
-            running.append(total)
-            if len(running) == 50 or step == opts.steps - 1:
-                trace.append(float(torch.stack(running).mean()))
-                running = []
+
+        def micro_batch_loss() -> torch.Tensor:
+            pick = torch.randint(0, len(latents), (opts.batch_size,), generator=g, device=g.device).tolist()
+            t = draw_timesteps(scheduler, len(pick), g, latents.shape).to(latents.device)
+            batch = latents[pick]
+            if opts.flip:
+                flip = torch.rand(len(pick), generator=g, device=g.device).to(latents.device) < 0.5
+                batch = torch.where(flip[:, None, None, None], mirrored[pick], batch)
+            place.set([v.to(m.dtype) for v, m in zip(vectors, matrices, strict=True)])
+            return denoising_loss(pipe, scheduler, batch, t, [captions[i] for i in pick], g)
+
+        trace = _optimise(pipe, vectors, opts, micro_batch_loss)
     return [v.detach() for v in vectors], trace

@@ -17,12 +17,10 @@ saliency_mask.safetensors; it appears only when training has finished.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -42,23 +40,22 @@ from tqdm.auto import tqdm
 
 from erase import sharding
 from erase.adversarial import AdversarialTokens, TrainedTextEncoders
-from erase.atomic import replace_dir, shared_output_dir, write_json
+from erase.atomic import replace_dir, write_json
+from erase.checkpoints import check_output_dir, latest_checkpoint, save_checkpoint, save_masks, staging_dir
 from erase.command import (
     BadInput,
-    add_dataclass_arguments,
     check_launch,
-    one_line_errors,
     quiet_libraries,
     run_command,
     versions,
 )
 from erase.concepts import load_concept, merge_concepts
+from erase.config import parse_train_args
 from erase.erasure import (
     WEIGHT_DTYPES,
     TrainConfig,
     masked_optimizer,
     prepare_data,
-    refuse_unused,
     train_steps,
     trainable_mask,
 )
@@ -71,9 +68,9 @@ from erase.saliency import (
     save_mask,
 )
 from erase.sd import check_prompts_fit, denoiser_source, load_pipeline, pipeline_class
+from erase.uce import UCEScales, uce_edit
 
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
-from erase.uce import UCEScales, uce_edit  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -81,86 +78,11 @@ logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = one_line_errors(argparse.ArgumentParser(prog="erase/train.py", description=__doc__.split("\n\n")[0]))
-    add_dataclass_arguments(parser, TrainConfig, aliases={"pretrained_model_name_or_path": ["--model"]}, suppress=True)
-    given = vars(parser.parse_args(argv))
-    # a concept file's `train:` recipe sits between the paper defaults and the flags; its
-    # `adversarial:` part overrides the rest under --adversarial
-    recipe = {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if given.get("concept"):
-        concepts = [load_concept(name) for name in given["concept"]]
-        for concept in concepts:  # a typo in a recipe is refused, not dropped
-            keys = [*concept.train, *(concept.train.get("adversarial") or {})]
-            unknown = [k for k in keys if k not in known]
-            if unknown:
-                raise ValueError(f"concept {concept.name!r}: unknown option {unknown[0]!r} in its train: recipe "
-                                 "(the recipe takes erase/train.py's options, spelt with underscores)")
-        recipe = dict(merge_concepts(concepts).train)
-        adversarial = recipe.pop("adversarial", None) or {}
-        if given.get("adversarial"):
-            recipe.update(adversarial)
-    cfg = TrainConfig(**{**recipe, **given})
-    refuse_unused(cfg, given)  # the recipe's options are the model's, written for every method: only flags are refused
-    return cfg
-
-
-# ----------------------------------------------------------------------------- mask
-
-
-def save_masks(mask, unet, staging: str, accelerator: Accelerator, sharded: bool, metadata: dict) -> None:
-    """The whole mask in the run folder (what the published folder carries); sharded, each
-    process's rows beside it too (what a resumed process reads back)."""
-    if accelerator.is_main_process:
-        os.makedirs(staging, exist_ok=True)
-    accelerator.wait_for_everyone()
-    if sharded:
-        rank, world = accelerator.process_index, accelerator.num_processes
-        save_mask(mask, sharding.shard_file(staging, "saliency_mask", rank, world), metadata | {"sharding": {"rank": rank, "world": world}})
-        mask = sharding.gather_mask(mask, unet, keep=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_mask(mask, os.path.join(staging, "saliency_mask.safetensors"), metadata=metadata)
+    # load_concept looked up here at call time: what a test may stand in for
+    return parse_train_args(argv, "erase/train.py", __doc__.split("\n\n")[0], load=load_concept)
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def staging_dir(output_dir: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(output_dir)), "." + os.path.basename(os.path.abspath(output_dir)) + ".partial")
-
-
-def check_output_dir(cfg: TrainConfig) -> None:
-    if os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir) and not cfg.overwrite:
-        raise ValueError(f"output folder {cfg.output_dir} exists and is not empty (pass --overwrite to replace it)")
-    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
-        raise ValueError(f"output path {cfg.output_dir} is a file")
-
-
-def latest_checkpoint(staging: str, which: str | None) -> str | None:
-    if not which:
-        return None
-    if which != "latest":
-        if not os.path.isdir(which):
-            raise ValueError(f"checkpoint folder not found: {which}")
-        return which
-    folder = os.path.join(staging, "checkpoints")
-    steps = [int(m.group(1)) for d in os.listdir(folder) if (m := re.fullmatch(r"checkpoint-(\d+)", d))] if os.path.isdir(folder) else []
-    return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None
-
-
-def save_checkpoint(accelerator: Accelerator, folder: str, extra=(), sharded=None) -> None:
-    """save_state into a temporary folder, then rename: a run killed mid-write leaves no
-    half checkpoint for `--resume-from-checkpoint latest` to pick up. `extra`: what else an
-    adversarial run saves (safetensors): the inner attack's vectors and moments, trained text
-    encoders. `sharded`: (unet, optimizer), each process writing its own shards instead."""
-    with shared_output_dir(folder, accelerator) as tmp:
-        if sharded:
-            sharding.save_training_state(tmp, *sharded)
-        else:
-            accelerator.save_state(str(tmp))
-        for state in extra:
-            if state is not None and accelerator.is_main_process:
-                state.save(tmp)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

@@ -181,18 +181,6 @@ PRESETS = {
 PRESET_ATTACKS = {"unlearndiffatk": "unlearndiffatk", "pham": "inversion"}  # the attack each protocol is of
 
 
-def attack_option_table() -> str:
-    """The Markdown table of every attack option against each attack and preset: what `from_preset`
-    accepts (yes) and refuses (-), from the same metadata."""
-    columns = [*ATTACKS, *(f"--preset {p}" for p in PRESETS)]
-    of = {**{a: a for a in ATTACKS}, **{f"--preset {p}": PRESET_ATTACKS[p] for p in PRESETS}}
-    rows = ["| option | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for f in fields(AttackOptions):
-        attacks = f.metadata.get("attacks", ATTACKS)
-        rows.append(f"| `--{f.name.replace('_', '-')}` | " + " | ".join("yes" if of[c] in attacks else "-" for c in columns) + " |")
-    return "\n".join(rows) + "\n"
-
-
 HELDOUT_SEED_OFFSET = 10**6  # seeds of the inversion's own target images under inversion_heldout
 
 

@@ -46,7 +46,7 @@ def digits_candidates() -> tuple[list[str], list[str]]:
 
 @dataclass
 class PromptData:
-    """Encoded candidate prompts and the original model's images of each (erase.sd.image_set)."""
+    """Encoded candidate prompts and the original model's images of each (erase.image_sets.image_set)."""
 
     latents: torch.Tensor  # (N, 4, h, w)
     prompt_of: torch.Tensor  # (N,) candidate index of each image
@@ -199,7 +199,8 @@ class PromptProblem:
 def prepare_prompt_data(pipe, prompts: Sequence[str], anchors: Sequence[str], images_per_prompt: int,
                         generation_steps: int, guidance_scale: float, cache_dir: str, resolution: int | None = None) -> PromptData:
     """Generate (or reuse from the cache) `images_per_prompt` images per candidate and encode everything."""
-    from erase.sd import encode_images, encode_prompts, image_set
+    from erase.image_sets import image_set
+    from erase.sd import encode_images, encode_prompts
 
     images, chosen = image_set(pipe, list(prompts), images_per_prompt * len(prompts), 0, generation_steps,
                                guidance_scale, os.path.join(cache_dir, "images"), resolution)
