@@ -69,6 +69,11 @@ class TrainConfig:
         "help": "Adam's moments for every weight of a trained tensor (dense), or for the weights the mask lets move "
                 "only (masked: about half the state at ratio 0.5, the same update on the CPU to the last bit)",
         "choices": ("dense", "masked")})
+    master_weights: str = field(default="fp32", metadata={"methods": TRAINED,
+        "help": "the trained model's weights in fp32 (fp32: the usual mixed-precision masters), or in the training "
+                "precision with fp32 masters for the mask's entries only (masked: packed beside their Adam moments, "
+                "2 bytes a weight plus 12 a salient one; implies --optimizer-state masked; use with --mixed-precision bf16)",
+        "choices": ("fp32", "masked")})
     fsdp: bool = field(default=False, metadata={"methods": TRAINED,
         "help": "shard the UNet's weights, gradients, optimizer state and mask over the launched processes (FSDP2; "
                 "Accelerate's --use_fsdp --fsdp_version 2 selects it too); launch 2 or more processes"})
@@ -142,6 +147,12 @@ class TrainConfig:
         if self.adversarial_trains != "unet" and self.adversarial_pool not in (None, 1):
             raise ValueError("--adversarial-trains text-encoder|both encodes the last round's captions afresh each step: "
                              "it takes --adversarial-pool 1")
+        if self.master_weights not in ("fp32", "masked"):
+            raise ValueError(f"master-weights must be fp32 or masked, got {self.master_weights!r}")
+        if self.master_weights == "masked":
+            if self.mixed_precision == "fp16":
+                raise ValueError("--master-weights masked keeps fp16 weights unscaled: use --mixed-precision bf16 (or no)")
+            self.optimizer_state = "masked"
         if self.adversarial_trains != "unet" and self.optimizer_state == "masked":
             raise ValueError("--optimizer-state masked keeps moments for the UNet's mask: it does not train text encoders")
         if self.adversarial_mask not in ("clean", "both"):

@@ -166,11 +166,12 @@ def trainable_mask(unet, cfg, scheduler, data, accelerator, staging: str, given=
 
 
 def masked_optimizer(unet: torch.nn.Module, mask: dict[str, torch.Tensor], learning_rate: float, state: str = "dense",
-                     sharded: bool = False):
+                     sharded: bool = False, masters: bool = False):
     """Adam over the weights the mask lets move (tensors with no such weight get no gradient at
     all), confined by MaskedUpdate; fused on CUDA (one kernel, no foreach temporaries the size of
     the model). With `state="masked"`, MaskedAdam keeps moments for the mask==1 entries only and
-    writes no other entry (no MaskedUpdate needed). `sharded`: the UNet is FSDP-sharded and `mask`
+    writes no other entry (no MaskedUpdate needed); `masters`: also fp32 masters of those entries alone, for
+    weights held in the training precision (--master-weights masked). `sharded`: the UNet is FSDP-sharded and `mask`
     holds this process's rows. Returns (optimizer, update or None)."""
     trainable = moving_tensors(mask, sharded)
     for n, p in unet.named_parameters():
@@ -178,7 +179,7 @@ def masked_optimizer(unet: torch.nn.Module, mask: dict[str, torch.Tensor], learn
     if state == "masked":
         from erase.masked_adam import MaskedAdam
 
-        return MaskedAdam(unet, mask, lr=learning_rate, sharded=sharded), None
+        return MaskedAdam(unet, mask, lr=learning_rate, sharded=sharded, masters=masters), None
     params = [p for p in unet.parameters() if p.requires_grad]
     device = local(params[0]).device
     optimizer = torch.optim.Adam(params, lr=learning_rate, fused=device.type == "cuda")

@@ -8,27 +8,33 @@ global threshold (not per layer). Only mask==1 weights may change during unlearn
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from erase.atomic import replace_path
-from erase.command import BadInput
+from erase.mask_files import (  # the mask file's helpers, long imported from here
+    MASK_FORMAT,
+    check_mask_matches,
+    load_mask,
+    mask_fraction,
+    pack_bits,
+    read_mask_shapes,
+    save_mask,
+    unpack_bits,
+)
 from erase.sharding import gather_over_processes, is_sharded, local, set_gradient_sum, sum_over_processes
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MASK_FORMAT",
     "MaskedUpdate",
+    "check_mask_matches",
+    "read_mask_shapes",
     "compute_saliency_mask",
     "global_topk_mask",
     "load_mask",
@@ -38,9 +44,6 @@ __all__ = [
     "select_parameters",
     "unpack_bits",
 ]
-
-MASK_FORMAT = "erase-saliency-mask/1"
-
 
 def check_ratio(ratio: float) -> float:
     if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
@@ -157,13 +160,6 @@ def global_topk_mask(scores: Mapping[str, torch.Tensor], ratio: float, sharded: 
     return mask
 
 
-def mask_fraction(mask: Mapping[str, torch.Tensor], sharded: bool = False) -> float:
-    """The fraction of weights the mask keeps (`sharded`: over every process's rows)."""
-    counts = torch.tensor([sum(int(m.sum()) for m in mask.values()), sum(m.numel() for m in mask.values())], dtype=torch.int64)
-    kept, total = sum_over_processes(counts, sharded).tolist()
-    return kept / max(1, total)
-
-
 def compute_saliency_mask(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
@@ -197,27 +193,32 @@ def compute_saliency_mask(
     sharded = any(is_sharded(p) for _, p in selected)  # FSDP: each process sums its rows over every process
     if sharded:
         set_gradient_sum(model, mean=False)
+    sums = _Fp32Sums(selected, sharded)  # weights below fp32 (--master-weights masked): their sums in fp32
     try:
         while True:
             for batch in tqdm(batches, desc="saliency", disable=not show_progress):
                 loss = loss_fn(model, batch)
                 (loss * loss_scale if loss_scale != 1 else loss).backward()  # .grad accumulates the sum over batches
-            if loss_scale == 1 or _all_finite([p for _, p in selected]):
+                sums.fold()
+            if loss_scale == 1 or _all_finite([p for _, p in selected], sums):
                 break
             loss_scale /= 2
             logger.warning("saliency gradients overflowed: summing again with loss scale %g", loss_scale)
+            sums.clear()
             for _, p in selected:
                 p.grad = None
+        sums.remove()
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         scores = {}
         for name, p in selected:
-            grad = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
+            grad = sums.pop(p) if p in sums else local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
             p.grad = None
             if distributed and torch.distributed.get_world_size() > 1 and not sharded:
                 torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
             scores[name] = grad.float().abs_()  # in place for fp32: no copy
         mask = global_topk_mask(scores, ratio, sharded=sharded)
     finally:
+        sums.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(saved_flags[n])
             p.grad = None
@@ -227,94 +228,18 @@ def compute_saliency_mask(
     return mask
 
 
-def _all_finite(params: Sequence[torch.nn.Parameter]) -> bool:
-    """Whether every parameter's gradient is finite, in one host sync (a distributed run agrees on it)."""
+def _all_finite(params: Sequence[torch.nn.Parameter], sums: _Fp32Sums | None = None) -> bool:
+    """Whether every parameter's gradient (or its fp32 sum) is finite, in one host sync (a distributed run agrees on it)."""
     ok = torch.ones((), dtype=torch.bool, device=local(params[0]).device)
     for p in params:
-        if p.grad is not None:
-            ok &= torch.isfinite(local(p.grad)).all().to(ok.device)
+        grad = sums.get(p) if sums is not None and p in sums else p.grad
+        if grad is not None:
+            ok &= torch.isfinite(local(grad)).all().to(ok.device)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         bad = (~ok).to(torch.int32)
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # gloo and nccl: on the gradients' device
         return not bool(bad)
     return bool(ok)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8, 8 entries a byte, first entry in the high bit (numpy.packbits'
-    order), on the mask's device."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    if flat.numel() % 8:
-        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of `pack_bits`: a bool tensor of `shape` on the device of `packed`."""
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[: int(np.prod(shape, dtype=np.int64))].view(tuple(shape)).bool()
-
-
-def save_mask(mask: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
-    """Write the mask bit-packed (1 bit per weight) to a safetensors file, atomically."""
-    tensors, shapes = {}, {}
-    for name, m in mask.items():
-        tensors[name] = pack_bits(m.detach().bool()).cpu()
-        shapes[name] = list(m.shape)
-    meta = {"format": MASK_FORMAT, "shapes": json.dumps(shapes), "ratio": repr(mask_fraction(mask))}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    replace_path(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-def read_mask_shapes(path: str | os.PathLike, shard: bool = False) -> dict[str, list[int]]:
-    """The names and shapes a mask file holds, from its header alone; one clear error for a missing,
-    corrupt or foreign file, and for one process's rows of a sharded run's mask (unless `shard`)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"mask file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error type for a damaged file
-        raise BadInput(f"{path} is not a readable safetensors file ({err})".splitlines()[0]) from None
-    if meta.get("format") != MASK_FORMAT:
-        raise BadInput(f"{path} is not a saliency mask written by this toolkit")
-    if "sharding" in meta and not shard:
-        raise BadInput(f"{path} holds one process's rows of a sharded run's mask: pass the run's saliency_mask.safetensors")
-    return json.loads(meta["shapes"])
-
-
-def load_mask(path: str | os.PathLike, model: torch.nn.Module | None = None, shard: bool = False) -> dict[str, torch.Tensor]:
-    """Read a mask written by `save_mask`; with `model`, check every name and shape against it
-    (`shard`: this process's rows of a sharded run's mask, against its rows of the model)."""
-    path = os.fspath(path)
-    shapes = read_mask_shapes(path, shard)
-    try:
-        with safe_open(path, framework="pt") as f:
-            mask = {name: unpack_bits(f.get_tensor(name), shape) for name, shape in shapes.items()}
-    except Exception as err:
-        raise BadInput(f"{path}: the mask's data is damaged ({err})".splitlines()[0]) from None
-    if model is not None:
-        check_mask_matches(mask, model, source=path, whole=not shard)
-    return mask
-
-
-def check_mask_matches(mask: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str = "mask", whole: bool = False) -> None:
-    """Every name of `mask` is a parameter of `model` of the mask's shape: the whole parameter's
-    (`whole`), or this process's rows of a sharded parameter."""
-    params = dict(model.named_parameters())
-    missing = [n for n in mask if n not in params]
-    if missing:
-        raise BadInput(f"{source} does not fit this model: {len(missing)} names not in the model, e.g. {missing[0]!r}")
-    for name, m in mask.items():
-        shape = tuple(params[name].shape if whole else local(params[name]).shape)
-        if tuple(m.shape) != shape:
-            raise BadInput(
-                f"{source} does not fit this model: {name!r} has shape {tuple(m.shape)} in the mask "
-                f"and {shape} in the model"
-            )
 
 
 class MaskedUpdate:
@@ -382,3 +307,50 @@ class MaskedUpdate:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class _Fp32Sums:
+    """The saliency sums of weights held below fp32 (bf16 under --master-weights masked), kept in fp32:
+    a bf16 .grad summed over hundreds of batches would round away the small ones. Unsharded, each
+    parameter's gradient is added to its sum as soon as backward has accumulated it, and freed, so
+    no second whole gradient exists at once; sharded (FSDP sets .grad after its reduce-scatter),
+    `fold` adds this process's rows after each batch. fp32 weights are left to .grad, as before."""
+
+    def __init__(self, selected: Sequence[tuple[str, torch.nn.Parameter]], sharded: bool) -> None:
+        self.sums: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.sharded = sharded
+        self.hooks = []
+        for _, p in selected:
+            if local(p).dtype == torch.float32:
+                continue
+            self.sums[p] = torch.zeros(local(p).shape, dtype=torch.float32, device=local(p).device)
+            if not sharded:
+                self.hooks.append(p.register_post_accumulate_grad_hook(self._add))
+
+    def _add(self, p: torch.nn.Parameter) -> None:
+        self.sums[p].add_(local(p.grad).float())
+        p.grad = None
+
+    def fold(self) -> None:
+        if self.sharded:
+            for p in self.sums:
+                if p.grad is not None:
+                    self._add(p)
+
+    def __contains__(self, p) -> bool:
+        return p in self.sums
+
+    def get(self, p) -> torch.Tensor:
+        return self.sums[p]
+
+    def pop(self, p) -> torch.Tensor:
+        return self.sums.pop(p)
+
+    def clear(self) -> None:
+        for t in self.sums.values():
+            t.zero_()
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []

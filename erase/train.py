@@ -102,15 +102,17 @@ def load_models(cfg: TrainConfig, device: torch.device, sharded: bool, weight_dt
     10 GB in fp32); the image sets are then generated through the sharded model. Under bf16 the
     shards are gathered in bf16 (fp16 is refused), while the shards, the masters, stay fp32."""
     name, esd = cfg.pretrained_model_name_or_path, cfg.method.startswith("esd")
+    trained_dtype = weight_dtype if cfg.master_weights == "masked" else torch.float32  # fp32 masters, or the mask's alone
     if sharded:
         cls, folder = denoiser_source(name)
-        unet = sharding.load_sharded(cls, folder, device, param_dtype=autocast_dtype, checkpointing=cfg.gradient_checkpointing)
+        unet = sharding.load_sharded(cls, folder, device, trained_dtype, param_dtype=autocast_dtype,
+                                     checkpointing=cfg.gradient_checkpointing)
         if unet is not None:
             pipe = load_pipeline(name, device="cpu", components={os.path.basename(folder): unet})
             teacher = sharding.load_sharded(cls, folder, device, weight_dtype).requires_grad_(False) if esd else None
             return pipe, unet, teacher, None
     pipe = load_pipeline(name, device="cpu")
-    unet = denoiser(pipe).to(device)
+    unet = denoiser(pipe).to(device, trained_dtype)
     teacher = frozen_copy(unet, weight_dtype) if esd else None  # stored in weight_dtype
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -157,7 +159,7 @@ def train(cfg: TrainConfig) -> str:
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
-    # the frozen parts run in weight_dtype; the trained UNet keeps fp32 master weights
+    # the frozen parts run in weight_dtype; the trained UNet keeps fp32 master weights (or, masked, its mask's alone)
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     autocast_dtype = weight_dtype if cfg.mixed_precision != "no" else None
     pipe, unet, frozen_unet, whole_copy = load_models(cfg, device, sharded, weight_dtype, autocast_dtype)
@@ -191,7 +193,8 @@ def train(cfg: TrainConfig) -> str:
 
     optimizer = update = None
     if cfg.adversarial_trains != "text-encoder":
-        optimizer, update = masked_optimizer(unet, mask, cfg.learning_rate, cfg.optimizer_state, sharded=sharded)
+        optimizer, update = masked_optimizer(unet, mask, cfg.learning_rate, cfg.optimizer_state, sharded=sharded,
+                                             masters=cfg.master_weights == "masked")
     else:
         unet.requires_grad_(False)
     if text_encoders is not None:
@@ -258,7 +261,8 @@ def train(cfg: TrainConfig) -> str:
             # the main process's peak host memory while loading the models, and over the whole run before saving
             "peak_host_memory_gib": {"load": host_peak_load / 2**30, "run": sharding.host_peak_bytes() / 2**30},
             "resumed_from": checkpoint,
-            "optimizer": {"state": cfg.optimizer_state, "state_bytes": optimizer_state_bytes(optimizer)},
+            "optimizer": {"state": cfg.optimizer_state, "master_weights": cfg.master_weights,
+                          "state_bytes": optimizer_state_bytes(optimizer)},
         }
         if adversary is not None:
             record["adversarial"] = {"settings": dataclasses.asdict(adversary.settings), "tokens": adversary.tokens,

@@ -171,6 +171,35 @@ def test_each_method_erases_each_flow_family(family: str, method: str, tiny_flow
     assert ratio < 0.99
 
 
+def test_masked_master_weights_on_sd3(tiny_flow_paths, tmp_path: Path) -> None:
+    """--master-weights masked: in fp32 the transformer equals the --optimizer-state masked run's to the
+    bit, and its state is that run's plus 4 bytes a salient weight (the masters); under bf16 the
+    transformer is held and saved in bf16, its masked-out weights exactly the original's rounded to bf16,
+    the mask the fp32 run's, and the state 12 bytes a salient weight plus the bits."""
+    original = tiny_flow_paths["sd3-no-t5"]
+    runs = {"state": ("--optimizer-state", "masked"), "masters": ("--master-weights", "masked"),
+            "bf16": ("--master-weights", "masked", "--mixed-precision", "bf16")}
+    records = {}
+    for name, flags in runs.items():
+        proc = erase(original, tmp_path / name, "salun", *flags)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records[name] = json.loads((tmp_path / name / "erase_config.json").read_text())
+    state, masters, low = (weights(tmp_path / n, "transformer") for n in runs)
+    assert all(torch.equal(state[k], masters[k]) for k in state)
+    fp32_mask = load_mask(tmp_path / "masters" / "saliency_mask.safetensors")
+    state_mask = load_mask(tmp_path / "state" / "saliency_mask.safetensors")
+    assert all(torch.equal(fp32_mask[n], state_mask[n]) for n in fp32_mask)
+    kept = sum(int(m.sum()) for m in fp32_mask.values())
+    assert records["masters"]["optimizer"]["master_weights"] == "masked"
+    assert records["masters"]["optimizer"]["state_bytes"] - records["state"]["optimizer"]["state_bytes"] == 4 * kept
+    before = weights(original, "transformer")
+    mask = load_mask(tmp_path / "bf16" / "saliency_mask.safetensors")
+    for n, m in mask.items():
+        assert low[n].dtype == torch.bfloat16 and torch.equal(low[n][~m], before[n].to(torch.bfloat16)[~m]), n
+    assert any(not torch.equal(low[n][m], before[n].to(torch.bfloat16)[m]) for n, m in mask.items())
+    assert records["bf16"]["optimizer"]["state_bytes"] >= 12 * kept
+
+
 def test_outputs_and_exports_load_into_plain_pipelines_in_a_fresh_process(tiny_flow_paths, tmp_path: Path) -> None:
     """The erased folder loads with StableDiffusion3Pipeline / FluxPipeline in a process that never imports
     this project, and a LoRA (diffusers layout, full rank; Flux also kohya's BFL names) and a delta applied

@@ -99,3 +99,79 @@ def test_masked_adam_resumes_from_its_state_dict_to_the_bit(tmp_path: Path) -> N
     steps(resumed, resumed_opt, 2, 4)
     for (n, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), n
+
+
+def _model_and_mask(dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    return model, {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in model.named_parameters()}
+
+
+def _given_gradients(model, optimizer, grads: list[dict[str, torch.Tensor]]) -> None:
+    for step in grads:
+        for n, p in model.named_parameters():
+            p.grad = step[n].to(p.dtype)
+        optimizer.step()
+
+
+def test_masked_masters_are_masked_adam_on_fp32_weights_and_fp32_copies_beside_bf16_ones() -> None:
+    """fp32 weights: the same update to the bit, plus 4 bytes a salient weight. bf16 weights: the masters
+    follow exactly the fp32 run that starts from the same (bf16) values under the same (bf16) gradients,
+    the weights are the masters rounded to bf16 where the mask is 1 and untouched elsewhere; every state
+    tensor is fp32."""
+    g = torch.Generator().manual_seed(2)
+    model, mask = _model_and_mask()
+    grads = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for _ in range(6)]
+    plain, ours = _model_and_mask()[0], _model_and_mask()[0]
+    plain_opt, ours_opt = MaskedAdam(plain, mask, lr=1e-2), MaskedAdam(ours, mask, lr=1e-2, masters=True)
+    _given_gradients(plain, plain_opt, grads)
+    _given_gradients(ours, ours_opt, grads)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters(), strict=True))
+    kept = sum(int(m.sum()) for m in mask.values())
+    assert optimizer_state_bytes(ours_opt) - optimizer_state_bytes(plain_opt) == 4 * kept
+
+    low, _ = _model_and_mask(torch.bfloat16)
+    start = {n: p.detach().clone() for n, p in low.named_parameters()}
+    reference = _model_and_mask()[0]
+    reference.load_state_dict({n: p.float() for n, p in start.items()})
+    low_opt, ref_opt = MaskedAdam(low, mask, lr=1e-2, masters=True), MaskedAdam(reference, mask, lr=1e-2)
+    bf16_grads = [{n: t.to(torch.bfloat16) for n, t in step.items()} for step in grads]
+    _given_gradients(low, low_opt, bf16_grads)
+    _given_gradients(reference, ref_opt, [{n: t.float() for n, t in step.items()} for step in bf16_grads])
+    named_ref = dict(reference.named_parameters())
+    for n, p in low.named_parameters():
+        m = mask[n]
+        assert p.dtype == torch.bfloat16 and torch.equal(p[~m], start[n][~m]), n
+        master = low_opt.state[p]["master"]
+        assert master.dtype == torch.float32 and torch.equal(master, named_ref[n].detach()[m]), n
+        assert torch.equal(p[m], master.to(torch.bfloat16)), n
+        assert all(t.dtype == torch.float32 for k, t in low_opt.state[p].items() if k != "step"), n
+    assert optimizer_state_bytes(low_opt) == optimizer_state_bytes(ours_opt)  # state is fp32 whatever the weights
+
+
+def test_masked_masters_resume_in_fp32_beside_bf16_weights() -> None:
+    """torch's Optimizer.load_state_dict casts state to the weights' dtype: MaskedAdam keeps it fp32."""
+    model, mask = _model_and_mask(torch.bfloat16)
+    optimizer = MaskedAdam(model, mask, lr=1e-2, masters=True)
+    g = torch.Generator().manual_seed(3)
+    _given_gradients(model, optimizer, [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}])
+    state = optimizer.state_dict()
+    fresh = MaskedAdam(model, mask, lr=1e-2, masters=True)
+    fresh.load_state_dict(state)
+    for p in model.parameters():
+        for key, t in fresh.state[p].items():
+            assert key == "step" or (t.dtype == torch.float32 and torch.equal(t, optimizer.state[p][key])), key
+
+
+def test_the_saliency_sums_of_bf16_weights_are_summed_in_fp32() -> None:
+    """Weight a's gradient is 256 in one batch and 0.5 in each of 100 more (306 in all); b's is 300 once.
+    Summed in bf16 (spacing 2 at 256), a's sum stays 256 and the mask keeps b; summed in fp32 it keeps a."""
+    from erase.saliency import compute_saliency_mask
+
+    layer = torch.nn.Linear(2, 1, bias=False).to(torch.bfloat16)
+    batches = [torch.tensor([256.0, 300.0])] + [torch.tensor([0.5, 0.0])] * 100
+    mask = compute_saliency_mask(layer, lambda model, c: (model.weight[0] * c.to(torch.bfloat16)).sum(), batches, ratio=0.5,
+                                 show_progress=False)
+    assert mask["weight"].tolist() == [[True, False]]
+    assert layer.weight.grad is None
