@@ -37,7 +37,7 @@ from erase.digits import (
     load_digits_classifier,
     resolve_model,
 )
-from erase.sd import generate, load_pipeline
+from erase.sd import generate, load_pipeline, max_sequence_length
 from eval.classes import class_samples, digits_task, evaluate_classes, summarise
 from eval.generate import Generated, Sample, generate_samples
 
@@ -49,12 +49,14 @@ UNSEEN_WORDINGS = ("a {word} in {colour}", "{colour} {word}")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="digits", help='"digits" or a pipeline folder')
+    parser.add_argument("--model", default="digits", help='"digits", "digits-flow" or a pipeline folder')
     parser.add_argument("--n-per-prompt", type=int, default=50, help="images per template prompt")
     parser.add_argument("--n-paraphrase", type=int, default=10, help="images per paraphrase prompt (0 skips)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-plain", type=int, default=4,
+                        help="flow models: images per template prompt from the plain pipeline's defaults (0 skips)")
     parser.add_argument("--out", default="bench/results/digits_quality.json")
     return parser.parse_args(argv)
 
@@ -99,6 +101,26 @@ def paraphrase_hits(pipe, task, template: str, n: int, steps: int, guidance: flo
     return entry
 
 
+def plain_pipeline_default(path: str, classifier, n: int, steps: int, guidance: float, seed: int) -> dict:
+    """A flow model called as a user would (its plain pipeline class, every default, T5's window
+    included: 256 zero rows for a StableDiffusion3Pipeline without T5) on the template prompts."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    hits_digit = hits_colour = total = 0
+    for d in range(10):
+        for c, colour in enumerate(COLOURS):
+            images = pipe(PROMPT_TEMPLATE.format(colour=colour, word=DIGIT_WORDS[d]), num_images_per_prompt=n, num_inference_steps=steps,
+                          guidance_scale=guidance, generator=torch.Generator().manual_seed(seed + 100 * d + c), output_type="pt").images
+            digit_pred, colour_pred = classify_images(images, classifier)
+            hits_digit += int((digit_pred == d).sum())
+            hits_colour += int((colour_pred == c).sum())
+            total += len(images)
+    return {"digit_accuracy": round(hits_digit / total, 4), "colour_accuracy": round(hits_colour / total, 4), "images": total,
+            "max_sequence_length": 256}
+
+
 def real_digit_ceiling(classifier) -> dict[str, float]:
     """The classifier on the held-out real digits, in every colour."""
     rgb, digits, colours = coloured_split("test")
@@ -118,8 +140,9 @@ def paraphrase_report(pipe, task, n: int, steps: int, guidance: float, seed: int
 
 
 def markdown(result: dict) -> str:
+    sampler = {"DDIMScheduler": "DDIM", "FlowMatchEulerDiscreteScheduler": "flow-matching Euler"}.get(result["settings"].get("sampler"), "DDIM")
     lines = [f"# Digits model quality ({result['settings']['model']})", "",
-             f"DDIM {result['settings']['steps']} steps, guidance {result['settings']['guidance']}, "
+             f"{sampler} {result['settings']['steps']} steps, guidance {result['settings']['guidance']}, "
              f"{RESOLUTION}x{RESOLUTION}, {result['settings']['n_per_prompt']} images per prompt, "
              f"judged by the held-out classifier.", "",
              "| | digit accuracy | colour accuracy |", "|---|---|---|",
@@ -136,6 +159,11 @@ def markdown(result: dict) -> str:
             for template, e in entries.items():
                 colour = f"{e['colour_accuracy']:.3f}" if "colour_accuracy" in e else "-"
                 lines.append(f"| `{template}` | {group} | {e['digit_accuracy']:.3f} | {colour} |")
+    if result.get("plain_pipeline_default"):
+        plain = result["plain_pipeline_default"]
+        lines += ["", f"Called as a plain StableDiffusion3Pipeline with every default (T5's window "
+                      f"{plain['max_sequence_length']} zero rows, against the toolkit's {result['settings'].get('text_window')}): "
+                      f"digit {plain['digit_accuracy']:.3f}, colour {plain['colour_accuracy']:.3f} ({plain['images']} images)."]
     ceiling = result["classifier_on_real_test_digits"]
     lines += ["", f"Classifier on real held-out digits: digit {ceiling['digit']:.3f}, colour {ceiling['colour']:.3f}.",
               f"16 images on this CPU: {result['seconds_for_16_images']:.2f} s. "
@@ -161,11 +189,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.n_paraphrase else {},
         "classifier_on_real_test_digits": real_digit_ceiling(classifier),
         "seconds_for_16_images": seconds_16,
+        "plain_pipeline_default": plain_pipeline_default(resolve_model(args.model), classifier, args.n_plain, args.steps, args.guidance,
+                                                         args.seed) if args.n_plain and type(pipe).__name__ == "StableDiffusion3Pipeline" else None,
         "settings": {"model": args.model, "model_path": resolve_model(args.model), "sampler": type(pipe.scheduler).__name__,
                      "steps": args.steps, "guidance": args.guidance, "resolution": RESOLUTION,
                      "n_per_prompt": args.n_per_prompt, "n_paraphrase": args.n_paraphrase, "seed": args.seed,
                      "seed_rule": "eval.classes.class_samples: seed + prompt_index * n + k",
-                     "prompt_template": PROMPT_TEMPLATE, "torch_threads": torch.get_num_threads()},
+                     "prompt_template": PROMPT_TEMPLATE, "torch_threads": torch.get_num_threads(),
+                     "text_window": max_sequence_length(pipe)},
         "versions": versions(),
     }
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

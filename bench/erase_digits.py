@@ -38,6 +38,7 @@ from eval.generate import Sample
 from common import machine, mean_std_text, save_results  # bench/common.py (the scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLERS = {"digits": "DDIM", "digits-flow": "flow-matching Euler"}  # each embedded model's scheduler
 
 
 
@@ -82,26 +83,29 @@ def erasure_metrics(name: str, before: dict, after: dict) -> dict:
 
 def grid_arguments(parser: argparse.ArgumentParser) -> None:
     """Which erasures a digits benchmark runs, and where the image sets are cached between them."""
+    parser.add_argument("--model", default="digits", choices=["digits", "digits-flow"],
+                        help="the embedded UNet model, or its flow-matching twin (SD3 architecture)")
     parser.add_argument("--concepts", nargs="+", default=["seven", "red"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "erase-bench-cache"))
 
 
-def erase_command(concept: str | list[str], method: str, seed: int, out: str, cache_dir: str, *extra: str) -> list[str]:
-    """`accelerate launch erase/train.py` on the digits model (several concepts: one run; a method
+def erase_command(concept: str | list[str], method: str, seed: int, out: str, cache_dir: str, *extra: str,
+                  model: str = "digits") -> list[str]:
+    """`accelerate launch erase/train.py` on an embedded model (several concepts: one run; a method
     written `salun+adversarial` adds `--adversarial`)."""
     concepts = [concept] if isinstance(concept, str) else concept
     method, _, variant = method.partition("+")
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
-            "--model", "digits", *[a for c in concepts for a in ("--concept", c)], "--method", method, "--seed", str(seed),
+            "--model", model, *[a for c in concepts for a in ("--concept", c)], "--method", method, "--seed", str(seed),
             "--output-dir", out, "--cache-dir", cache_dir, *(["--adversarial"] if variant == "adversarial" else []), *extra]
 
 
 def erase_once(concept: str | list[str], method: str, seed: int, out: str, args) -> float:
     """Seconds of the whole erase_command."""
-    cmd = erase_command(concept, method, seed, out, args.cache_dir)
+    cmd = erase_command(concept, method, seed, out, args.cache_dir, model=args.model)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
@@ -111,10 +115,10 @@ def erase_once(concept: str | list[str], method: str, seed: int, out: str, args)
 
 def markdown(result: dict) -> str:
     lines = [
-        "# Erasing from the embedded digits model",
+        f"# Erasing from the embedded model `{result.get('model', 'digits')}`",
         "",
         f"{result['images_per_prompt']} images per prompt and seed; {len(result['seeds'])} seeds; "
-        f"DDIM {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}.",
+        f"{SAMPLERS[result.get('model', 'digits')]} {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}.",
         "Rates in %: how often images for the erased concept are still recognised as it (template prompts",
         "and held-out paraphrases), and the mean accuracy on the other digits (or colours) before and after.",
         "Time: the whole `accelerate launch erase/train.py` command (generation cached after the first run).",
@@ -145,11 +149,12 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     classifier = load_digits_classifier()
-    before = score("digits", args.concepts, args.images_per_prompt, classifier)
+    before = score(args.model, args.concepts, args.images_per_prompt, classifier)
     rows: list[dict] = []
 
     def save() -> None:  # after every run, so an interrupted benchmark keeps what it measured
         result = {
+            "model": args.model,
             "images_per_prompt": args.images_per_prompt,
             "seeds": list(range(args.seeds)),
             "before": before,

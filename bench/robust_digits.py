@@ -45,7 +45,8 @@ from erase_digits import erase_command, erasure_metrics, score  # the same scori
 
 def erase(concept: str, method: str, adversarial: bool, seed: int, out: str, args) -> dict:
     """The whole command's seconds and its peak resident memory (GiB, from the finished process)."""
-    cmd = erase_command(concept, method + ("+adversarial" if adversarial else ""), seed, out, args.cache_dir, *args.erase_args.split())
+    cmd = erase_command(concept, method + ("+adversarial" if adversarial else ""), seed, out, args.cache_dir, *args.erase_args.split(),
+                        model=args.model)
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -105,14 +106,14 @@ def attacks(model: str, concept_name: str, steps: int, vectors: list[int], args)
     if args.uda_iterations:
         opts = AttackOptions(attack="unlearndiffatk", k=args.k, iterations=args.uda_iterations, timesteps=args.uda_timesteps,
                              weight_decay=0.0, num_inference_steps=DEFAULT_STEPS, seed=args.attack_seed)
-        report = run_attack("digits", model, samples, judge, opts, concept_name=concept.name, grid_prompts=0)
+        report = run_attack(args.model, model, samples, judge, opts, concept_name=concept.name, grid_prompts=0)
         out["unlearndiffatk_asr"] = report["asr"]
         out["unlearndiffatk_asr_count"] = report["by_threshold"][report["judge"]["deciding"]]["asr_count"]
         out["before_attack"] = report["asr_parts"]["before_attack"]
     for n in vectors:
         opts = AttackOptions(attack="inversion", inversion_vectors=n, inversion_steps=steps, inversion_heldout=True,
                              num_inference_steps=DEFAULT_STEPS, seed=args.attack_seed)
-        report = run_attack("digits", model, samples, judge, opts, concept_name=concept.name, grid_prompts=0)
+        report = run_attack(args.model, model, samples, judge, opts, concept_name=concept.name, grid_prompts=0)
         out[f"recovery_n{n}"], out[f"recovery_n{n}_count"] = report["recovery"], report["recovery_count"]
         out.setdefault("before_attack", report["asr_parts"]["before_attack"])
     return out
@@ -122,7 +123,7 @@ def markdown(result: dict) -> str:
     p = result["protocol"]
     vec = p["vectors"]
     lines = [
-        "# Erasures under attack on the embedded digits model: plain against `--adversarial`",
+        f"# Erasures under attack on the embedded model `{result.get('model', 'digits')}`: plain against `--adversarial`",
         "",
         f"Rates in %, mean ± std over the seeds run. Shown: the concept's template prompts ({p['images_per_prompt']} images each)"
         " / its held-out paraphrases.",
@@ -190,8 +191,8 @@ def merge(parts: list[str], out: str) -> None:
     import json
 
     loaded = [json.loads(Path(p).read_text()) for p in parts]
-    if any(p["protocol"] != loaded[0]["protocol"] for p in loaded):
-        raise SystemExit("the parts were run with different protocols")
+    if any(p["protocol"] != loaded[0]["protocol"] or p.get("model") != loaded[0].get("model") for p in loaded):
+        raise SystemExit("the parts were run with different protocols or models")
     order = {(c, m): i for i, (c, m) in enumerate((c, m) for c in ("seven", "red", "three") for m in (
         "salun", "salun + adversarial", "esd-x", "esd-x + adversarial", "rl", "rl + adversarial", "esd-u", "esd-u + adversarial", "uce"))}
     rows = sorted((r for p in loaded for r in p["rows"]), key=lambda r: order.get((r["concept"], r["method"]), len(order)))
@@ -205,6 +206,8 @@ def merge(parts: list[str], out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="digits", choices=["digits", "digits-flow"],
+                        help="the embedded UNet model, or its flow-matching twin (SD3 architecture)")
     parser.add_argument("--concepts", nargs="+", default=["seven", "red", "three"])
     parser.add_argument("--methods", nargs="+", default=["salun", "esd-x", "rl", "esd-u", "uce"])
     parser.add_argument("--seeds", nargs="+", default=["salun=3", "esd-x=3"], help="METHOD=N seeds (others: 1)")
@@ -232,17 +235,18 @@ def main() -> None:
     start = time.perf_counter()
     classifier = load_digits_classifier()
     n = args.images_per_prompt
-    before = score("digits", args.concepts, n, classifier)
-    strict_before = strict_scores("digits", n)
-    fid_metric, fid_name = make_fid("digits", sync_on_compute=False)
-    reference = template_images("digits", args.fid_images_per_prompt)
+    before = score(args.model, args.concepts, n, classifier)
+    strict_before = strict_scores(args.model, n)
+    fid_metric, fid_name = make_fid("digits", sync_on_compute=False)  # the digits classifier's features, for either model
+    reference = template_images(args.model, args.fid_images_per_prompt)
     # the floor: the original against itself at other seeds (what FID reads for no change at all)
-    fid_floor = fid_from_images(fid_metric, template_images("digits", args.fid_images_per_prompt, first_seed=1000), reference)
+    fid_floor = fid_from_images(fid_metric, template_images(args.model, args.fid_images_per_prompt, first_seed=1000), reference)
     rows: list[dict] = []
     result: dict = {}
 
     def save() -> None:
-        result.update({"out": args.out, "protocol": {k: getattr(args, k) for k in ("images_per_prompt", "fid_images_per_prompt", "prompts",
+        result.update({"out": args.out, "model": args.model,
+                       "protocol": {k: getattr(args, k) for k in ("images_per_prompt", "fid_images_per_prompt", "prompts",
                                                                     "attack_images_per_prompt", "k", "uda_iterations", "uda_timesteps",
                                                                     "inversion_steps", "vectors", "attack_seed", "erase_args")}
                        | {"fid_features": fid_name},

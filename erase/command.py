@@ -209,9 +209,9 @@ def check_writable(path: str | os.PathLike, what: str = "output", folder: bool =
 def check_model(name_or_path: str, what: str = "model") -> None:
     """`digits`, a hub id, or a local diffusers pipeline folder (with model_index.json). A hub id
     is checked when it is loaded; a local path here."""
-    from erase.defaults import DIGITS_MODEL_NAME
+    from erase.defaults import DIGITS_FLOW_NAME, DIGITS_MODEL_NAME
 
-    if name_or_path == DIGITS_MODEL_NAME:
+    if name_or_path in (DIGITS_MODEL_NAME, DIGITS_FLOW_NAME):
         return
     path = Path(name_or_path)
     if not (path.is_absolute() or name_or_path.startswith(".") or path.exists()):

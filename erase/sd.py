@@ -204,6 +204,8 @@ def max_sequence_length(pipe) -> int | None:
     if family(pipe) == "flux":
         return t5_window(type(pipe).__name__, pipe.tokenizer_2)
     if family(pipe) == "sd3":
+        if pipe.tokenizer_3 is None:  # T5's zeros: as many as the CLIP window (77 as SD3's own inference pads T5)
+            return min(T5_WINDOWS["StableDiffusion3Pipeline"], pipe.tokenizer_max_length)
         return t5_window(type(pipe).__name__, pipe.tokenizer_3)
     return None
 

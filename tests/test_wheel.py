@@ -36,7 +36,8 @@ def run(code_or_args: list[str], env: dict[str, str], cwd: Path, timeout: int = 
 
 
 def test_installed_wheel_knows_every_concept_and_trains(installed, tmp_path: Path) -> None:
-    """Every concept file is in the wheel, and its training command erases (two steps) from it."""
+    """Every concept file is in the wheel, both embedded models load from it offline, and the training
+    command erases (two steps) from it."""
     target, env = installed
     out = tmp_path / "seven-erased"
     argv = ["erase.train", "--model", "digits", "--concept", "seven", "--num-images", "4", "--generation-steps", "2",
@@ -48,6 +49,10 @@ def test_installed_wheel_knows_every_concept_and_trains(installed, tmp_path: Pat
         "known = c.available_concepts()\n"
         "assert {'nudity', 'church', 'seven', 'red'} <= set(known), sorted(known)\n"
         "for name in known: c.load_concept(name)\n"
+        "from erase.digits import resolve_model\n"
+        "from erase.sd import load_pipeline\n"
+        f"assert resolve_model('digits-flow').startswith({str(target)!r}), resolve_model('digits-flow')\n"
+        "assert type(load_pipeline('digits-flow')).__name__ == 'StableDiffusion3Pipeline'\n"
         "print(len(known))\n"
         f"import runpy; sys.argv = {argv!r}; runpy.run_module('erase.train', run_name='__main__', alter_sys=True)\n"
     )

@@ -16,11 +16,17 @@ Data split (fixed, by the index ``i`` of ``sklearn.datasets.load_digits()``, nev
 The classifier never sees an image the generator was trained on, so it judges what the
 generator learned rather than what it memorised.
 
-Modules: ``prompts`` (words, template, paraphrases, tokenizer), ``data`` (splits, colouring),
-``build`` (training the pipeline), ``paths`` (assets, cache), ``locate`` (``--model digits``: recognising it, its folder), ``judge``
-(the classifier), ``__main__`` (the command).
+Two models share the data, the prompts and the autoencoder: ``digits`` (digits-sd, a
+StableDiffusionPipeline with a UNet) and ``digits-flow`` (a StableDiffusion3Pipeline: an MMDiT
+transformer trained by rectified flow; see ``flow``).
 
-``python -m erase.digits --train --output-dir DIR`` rebuilds the pipeline from scratch;
+Modules: ``prompts`` (words, template, paraphrases, tokenizer), ``data`` (splits, colouring),
+``build`` (training digits-sd, and the loop both share), ``flow`` (training digits-flow), ``paths``
+(assets, cache), ``locate`` (``--model digits`` / ``digits-flow``: recognising them, their folders),
+``judge`` (the classifier), ``__main__`` (the command).
+
+``python -m erase.digits --train --output-dir DIR`` rebuilds the pipeline from scratch (``--flow``:
+digits-flow);
 ``--train-classifier --classifier-out FILE`` rebuilds the classifier. Weights, data order,
 noise and prompt choice all come from the seed, so a rebuild is bit-identical for the same
 seed, library versions and torch thread count; CPU kernels split their sums by thread, so a
@@ -48,11 +54,13 @@ from erase.digits.judge import (
 from erase.digits.locate import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    FLOW_MODEL_NAME,
     MODEL_NAME,
+    MODEL_NAMES,
     is_digits_model,
     resolve_model,
 )
-from erase.digits.paths import CLASSIFIER_PATH, MODEL_DIR, cache_dir
+from erase.digits.paths import CLASSIFIER_PATH, FLOW_MODEL_DIR, MODEL_DIR, cache_dir
 from erase.digits.prompts import (
     COLOUR_PARAPHRASES,
     COLOURS,
@@ -81,8 +89,11 @@ __all__ = [
     "DigitsClassifier",
     "DigitsTrainingOptions",
     "FULL_PARAPHRASES",
+    "FLOW_MODEL_DIR",
+    "FLOW_MODEL_NAME",
     "MODEL_DIR",
     "MODEL_NAME",
+    "MODEL_NAMES",
     "PROMPT_TEMPLATE",
     "RESOLUTION",
     "SPLITS",

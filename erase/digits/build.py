@@ -60,9 +60,21 @@ class DigitsTrainingOptions:
             raise ValueError("limit_images must be >= 1")
 
 
+def build_vae(**config):
+    """The embedded models' autoencoder (32x32x3 <-> 8x8x4), untrained; `config`: extra config fields."""
+    from diffusers import AutoencoderKL
+
+    # Why a multi-group norm: with a single group per layer the colours washed out.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 32), norm_num_groups=4, **config,
+    )
+
+
 def build_components(seed: int = 0) -> dict:
     """Untrained pipeline components from configs (weights seeded by `seed`)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -74,12 +86,7 @@ def build_components(seed: int = 0) -> dict:
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
         projection_dim=64,
     )
-    # Why a multi-group norm in the VAE: with a single group per layer the colours washed out.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 32), norm_num_groups=4,
-    )
+    vae = build_vae()
     # Why cross-attention only at the 4x4 level: it is where digit identity lives, and it is cheap.
     unet = UNet2DConditionModel(
         sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
@@ -174,29 +181,44 @@ def _lr_lambda(opts: DigitsTrainingOptions):
 
 def train_unet(unet, scheduler, latent_stats, digits, colours, embeddings, opts, generator):
     """Noise-prediction training of the UNet; returns the EMA copy of its weights."""
+
+    def noised(latents):
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        return scheduler.add_noise(latents, noise, timesteps), timesteps, noise
+
+    def call(model, noisy_latents, timesteps, prompt_ids):
+        return model(noisy_latents, timesteps, encoder_hidden_states=embeddings[prompt_ids]).sample
+
+    return train_denoiser(unet, noised, call, latent_stats, digits, colours, opts, generator, desc="digits UNet")
+
+
+def train_denoiser(model, noised, call, latent_stats, digits, colours, opts, generator, desc: str, ema=None):
+    """The training loop both embedded models share; returns the EMA copy of the weights (`ema`: the
+    copy to keep it in, default a deep copy of `model`).
+
+    noised(latents) -> (x_t, t, target) draws the noise (DDPM or flow matching); call(model, x_t, t,
+    prompt_ids) is the model's prediction. Every random draw comes from `generator`, in a fixed order."""
     mean, std = latent_stats  # (N, 4, 8, 8) each, already multiplied by the scaling factor
     _, template, para = _prompt_index_table()
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=opts.learning_rate, weight_decay=0.0)
+    ema = (copy.deepcopy(model) if ema is None else ema).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.learning_rate, weight_decay=0.0)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(opts))
-    unet.train()
+    model.train()
     bar = tqdm(batches(len(mean), opts.train_batch_size, opts.max_train_steps, generator), total=opts.max_train_steps,
-               desc="digits UNet")
+               desc=desc)
     for step, index in enumerate(bar):
         # Sample latents from the posterior, as Stable Diffusion training does.
         latents = mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        noisy_latents, timesteps, target = noised(latents)
         prompt_ids = _choose_prompts(digits[index], colours[index], template, para, opts, generator)
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=embeddings[prompt_ids]).sample
-        loss = F.mse_loss(model_pred, noise)
+        loss = F.mse_loss(call(model, noisy_latents, timesteps, prompt_ids), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         lr_scheduler.step()
-        _ema_update(ema, unet, min(opts.ema_decay, (1 + step) / (10 + step)))
+        _ema_update(ema, model, min(opts.ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return ema.eval()
 
@@ -214,23 +236,34 @@ def train_pipeline(opts: DigitsTrainingOptions) -> Path:
     start = time.time()
     generator = torch.Generator().manual_seed(opts.seed)
     parts = build_components(opts.seed)
+    latent_stats, digits, colours = fit_autoencoder(parts["vae"], opts, generator)
+    embeddings = _prompt_embeddings(parts["tokenizer"], parts["text_encoder"], training_prompts())
+    logger.info("training the digits UNet for %d steps (batch %d)", opts.max_train_steps, opts.train_batch_size)
+    parts["unet"] = train_unet(parts["unet"], parts["scheduler"], latent_stats, digits, colours, embeddings, opts, generator)
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return save_pipeline(pipe, opts, start)
+
+
+def fit_autoencoder(vae, opts: DigitsTrainingOptions, generator: torch.Generator):
+    """Train `vae` on the generator split (the first draws of `generator`) and set its scaling factor;
+    returns the scaled posterior (mean, std) of every image, and their digits and colours."""
     rgb, digits, colours = coloured_split("generator")
     if opts.limit_images is not None:
         keep = torch.randperm(len(rgb), generator=generator)[: opts.limit_images]
         rgb, digits, colours = rgb[keep], digits[keep], colours[keep]
     pixels = rgb * 2 - 1  # the VAE works in [-1, 1]
     logger.info("training the digits VAE on %d images for %d steps", len(pixels), opts.vae_steps)
-    train_vae(parts["vae"], pixels, opts, generator)
-    mean, std = _encode_latent_stats(parts["vae"], pixels)
+    train_vae(vae, pixels, opts, generator)
+    mean, std = _encode_latent_stats(vae, pixels)
     # Why: the pipeline multiplies latents by scaling_factor; unit variance suits the noise schedule.
     scaling_factor = float(1.0 / (mean.var() + std.pow(2).mean()).sqrt())
-    parts["vae"].register_to_config(scaling_factor=scaling_factor)
-    embeddings = _prompt_embeddings(parts["tokenizer"], parts["text_encoder"], training_prompts())
-    logger.info("training the digits UNet for %d steps (batch %d)", opts.max_train_steps, opts.train_batch_size)
-    parts["unet"] = train_unet(parts["unet"], parts["scheduler"], (mean * scaling_factor, std * scaling_factor),
-                               digits, colours, embeddings, opts, generator)
-    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return (mean * scaling_factor, std * scaling_factor), digits, colours
+
+
+def save_pipeline(pipe, opts: DigitsTrainingOptions, start: float) -> Path:
+    """Write `pipe` and its training record (options, seconds, threads, versions) to opts.output_dir, atomically."""
     record = {"options": asdict(opts), "train_seconds": round(time.time() - start, 1),
               "torch_threads": torch.get_num_threads(), "versions": versions()}
     return replace_path(opts.output_dir, lambda tmp: _save_pipeline(pipe, tmp, record))

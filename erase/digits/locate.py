@@ -1,5 +1,6 @@
-"""`--model digits`: recognising the embedded model (and models erased from it), its sampler
-defaults, and resolving it to a folder (trained into the cache on first use if missing)."""
+"""`--model digits` and `--model digits-flow`: recognising the embedded models (and models erased
+from them), their sampler defaults, and resolving them to folders (trained into the cache on first
+use if missing)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ import json
 import logging
 from pathlib import Path
 
-from erase.defaults import DIGITS_GUIDANCE, DIGITS_MODEL_NAME, DIGITS_STEPS
+from erase.defaults import DIGITS_FLOW_NAME, DIGITS_GUIDANCE, DIGITS_MODEL_NAME, DIGITS_STEPS
 from erase.digits import paths
 from erase.digits.paths import cache_dir
 
 logger = logging.getLogger("erase.digits")
 
-MODEL_NAME = DIGITS_MODEL_NAME
+MODEL_NAME, FLOW_MODEL_NAME = DIGITS_MODEL_NAME, DIGITS_FLOW_NAME
+MODEL_NAMES = (MODEL_NAME, FLOW_MODEL_NAME)
 DEFAULT_STEPS, DEFAULT_GUIDANCE = DIGITS_STEPS, DIGITS_GUIDANCE
 
 
 def is_digits_model(name_or_path: str, _depth: int = 0) -> bool:
-    """The embedded model, or a folder erased from it (erase/train.py's erase_config.json says so)."""
-    if name_or_path == MODEL_NAME:
+    """An embedded model, or a folder erased from one (erase/train.py's erase_config.json says so)."""
+    if name_or_path in MODEL_NAMES:
         return True
     folder = Path(name_or_path)
     if (folder / "digits_training.json").is_file():
@@ -33,15 +35,21 @@ def is_digits_model(name_or_path: str, _depth: int = 0) -> bool:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map "digits" to the embedded pipeline's folder (trained on first use if missing); pass others through."""
-    if name_or_path != MODEL_NAME:
+    """Map "digits" / "digits-flow" to the embedded pipeline's folder (trained on first use if missing);
+    pass others through."""
+    if name_or_path not in MODEL_NAMES:
         return name_or_path
-    for folder in (paths.MODEL_DIR, cache_dir() / "digits-sd"):
+    shipped = paths.MODEL_DIR if name_or_path == MODEL_NAME else paths.FLOW_MODEL_DIR
+    cached = cache_dir() / ("digits-sd" if name_or_path == MODEL_NAME else "digits-flow")
+    for folder in (shipped, cached):
         if (folder / "model_index.json").is_file():
             return str(folder)
-    folder = cache_dir() / "digits-sd"
-    logger.warning("no trained digits model found: training it now into %s (about 10 minutes on 2 CPU cores)",
-                   folder)
-    from erase.digits import build  # trains on first use only: not imported otherwise
+    logger.warning("no trained %s model found: training it now into %s (about 10 minutes on 2 CPU cores)",
+                   name_or_path, cached)
+    if name_or_path == FLOW_MODEL_NAME:
+        from erase.digits import flow  # trains on first use only: not imported otherwise
 
-    return str(build.train_pipeline(build.DigitsTrainingOptions(output_dir=str(folder))))
+        return str(flow.train_flow_pipeline(flow.FlowTrainingOptions(output_dir=str(cached))))
+    from erase.digits import build
+
+    return str(build.train_pipeline(build.DigitsTrainingOptions(output_dir=str(cached))))

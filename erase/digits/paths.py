@@ -7,6 +7,7 @@ from pathlib import Path
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets"
 MODEL_DIR = ASSET_DIR / "digits-sd"
+FLOW_MODEL_DIR = ASSET_DIR / "digits-flow"
 CLASSIFIER_PATH = ASSET_DIR / "digits_classifier.safetensors"
 
 
