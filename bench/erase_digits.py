@@ -12,6 +12,7 @@ concept's images still recognised as the concept; preservation is the accuracy o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -99,13 +100,15 @@ def erase_command(concept: str | list[str], method: str, seed: int, out: str, ca
     method, _, variant = method.partition("+")
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "erase" / "train.py"),
-            "--model", model, *[a for c in concepts for a in ("--concept", c)], "--method", method, "--seed", str(seed),
-            "--output-dir", out, "--cache-dir", cache_dir, *(["--adversarial"] if variant == "adversarial" else []), *extra]
+            "--model", model, *[a for c in concepts for a in ("--concept", c)], "--method", method,
+            *(["--seed", str(seed)] if method != "uce" else []),
+            "--output-dir", out, *(["--cache-dir", cache_dir] if method != "uce" else []),  # uce: no seed, nothing generated
+            *(["--adversarial"] if variant == "adversarial" else []), *extra]
 
 
 def erase_once(concept: str | list[str], method: str, seed: int, out: str, args) -> float:
     """Seconds of the whole erase_command."""
-    cmd = erase_command(concept, method, seed, out, args.cache_dir, model=args.model)
+    cmd = erase_command(concept, method, seed, out, args.cache_dir, *getattr(args, "erase_args", "").split(), model=args.model)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
@@ -122,6 +125,7 @@ def markdown(result: dict) -> str:
         "Rates in %: how often images for the erased concept are still recognised as it (template prompts",
         "and held-out paraphrases), and the mean accuracy on the other digits (or colours) before and after.",
         "Time: the whole `accelerate launch erase/train.py` command (generation cached after the first run).",
+        *([f"Flags over the concept file's recipe: `{result['erase_args']}`."] if result.get("erase_args") else []),
         "",
         "| concept | method | template before → after | paraphrases before → after | others before → after (drop, points) | time (s) |",
         "|---|---|---|---|---|---|",
@@ -137,6 +141,10 @@ def markdown(result: dict) -> str:
             f"{pct('others_accuracy_after')} ({mean_std_text([r['others_drop_points'] for r in runs])}) | "
             f"{mean_std_text([r['seconds'] for r in runs])} |"
         )
+    edits = [f"{row['concept']} {r['phase_seconds']['edit']:.2f} s" for row in result["rows"] for r in row["runs"]
+             if "edit" in r.get("phase_seconds", {})]
+    if edits:
+        lines += ["", "UCE's edit alone (erase_config.json `seconds.edit`): " + ", ".join(edits) + "."]
     lines += ["", f"Machine: {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
@@ -145,6 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     grid_arguments(parser)
     parser.add_argument("--images-per-prompt", type=int, default=5)
+    parser.add_argument("--erase-args", default="", help="extra erase/train.py flags for every erasure (over the concept's recipe)")
     parser.add_argument("--out", default="bench/results/erase_digits.json")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -155,6 +164,7 @@ def main() -> None:
     def save() -> None:  # after every run, so an interrupted benchmark keeps what it measured
         result = {
             "model": args.model,
+            "erase_args": args.erase_args,
             "images_per_prompt": args.images_per_prompt,
             "seeds": list(range(args.seeds)),
             "before": before,
@@ -173,8 +183,10 @@ def main() -> None:
                 for seed in range(args.seeds):
                     out = os.path.join(tmp, f"{concept}-{method}-{seed}")
                     seconds = erase_once(concept, method, seed, out, args)
+                    phases = json.loads(Path(out, "erase_config.json").read_text()).get("seconds", {})  # e.g. uce's edit alone
                     after = score(out, [concept], args.images_per_prompt, classifier)
-                    row["runs"].append({"seed": seed, "seconds": seconds, **erasure_metrics(concept, before, after), "after": after})
+                    row["runs"].append({"seed": seed, "seconds": seconds, "phase_seconds": phases,
+                                        **erasure_metrics(concept, before, after), "after": after})
                     save()
                     print(concept, method, seed, {k: round(v, 3) for k, v in row["runs"][-1].items() if isinstance(v, float)}, flush=True)
     print(Path(args.out).with_suffix(".md").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-BUILD_RECORD = "erase/assets/digits-sd/digits_training.json"
+BUILD_RECORDS = ("erase/assets/digits-sd/digits_training.json", "erase/assets/digits-flow/digits_training.json")
 
 NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?![\w]|\.\w)")
 CODE_SPAN = re.compile(r"`[^`]*`")
@@ -52,7 +52,7 @@ def has_figures(cells: list[str]) -> bool:
 
 
 def named_files(section: str) -> list[str]:
-    names = RESULTS_FILE.findall(section) + re.findall(re.escape(BUILD_RECORD), section)
+    names = RESULTS_FILE.findall(section) + [r for r in BUILD_RECORDS if r in section]
     for stem in RESULTS_PAIR.findall(section):
         names += [f"bench/results/{stem}.json", f"bench/results/{stem}.md"]
     return names
