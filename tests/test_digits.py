@@ -242,6 +242,32 @@ def test_resolve_model_trains_on_first_use_when_assets_are_missing(tmp_path, mon
     assert resolve_model("digits") == first and len(calls) == 1  # cached: not trained again
 
 
+def _rebuild(train, opts, committed: Path) -> Path:
+    """`train(opts)` with the committed build's torch thread count (CPU kernels split their sums by
+    thread), whatever this machine's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(json.loads((committed / "digits_training.json").read_text())["torch_threads"])
+    try:
+        return Path(train(opts))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quick_quality(pipe, **call) -> float:
+    """Digit-and-colour accuracy of 8 images for one colour of each digit, by the held-out classifier."""
+    pipe.set_progress_bar_config(disable=True)
+    classifier = load_digits_classifier()
+    hits = []
+    for d in range(10):
+        colour = COLOURS[d % len(COLOURS)]
+        images = pipe(prompt_for(d, colour), num_images_per_prompt=8, num_inference_steps=digits.DEFAULT_STEPS,
+                      guidance_scale=digits.DEFAULT_GUIDANCE, generator=torch.Generator().manual_seed(d), output_type="pt",
+                      **call).images
+        digit_pred, colour_pred = classify_images(images, classifier)
+        hits.append(((digit_pred == d) & (colour_pred == COLOURS.index(colour))).float())
+    return float(torch.cat(hits).mean())
+
+
 @pytest.mark.slow
 def test_full_training_reaches_quality(tmp_path):
     """The full recipe from scratch (about 9 minutes on 2 CPU cores), then a quick quality check.
@@ -249,28 +275,13 @@ def test_full_training_reaches_quality(tmp_path):
     Run with the committed build's torch thread count, the rebuild must equal the committed weights bit for bit."""
     from diffusers import StableDiffusionPipeline
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(json.loads((digits.MODEL_DIR / "digits_training.json").read_text())["torch_threads"])
-    try:  # CPU kernels split their sums by thread: the committed build's count, whatever this machine's
-        folder = train_pipeline(DigitsTrainingOptions(output_dir=str(tmp_path / "digits-sd")))
-    finally:
-        torch.set_num_threads(threads)
+    folder = _rebuild(train_pipeline, DigitsTrainingOptions(output_dir=str(tmp_path / "digits-sd")), digits.MODEL_DIR)
     for part in ("unet", "vae", "text_encoder"):
         new, committed = (load_file(str(f / part / "diffusion_pytorch_model.safetensors")) if part != "text_encoder"
                           else load_file(str(f / part / "model.safetensors")) for f in (Path(folder), digits.MODEL_DIR))
         assert new.keys() == committed.keys() and all(torch.equal(new[k], committed[k]) for k in new), part
     pipe = StableDiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = load_digits_classifier()
-    hits = []
-    for d in range(10):
-        colour = COLOURS[d % len(COLOURS)]
-        images = pipe(prompt_for(d, colour), num_images_per_prompt=8, num_inference_steps=digits.DEFAULT_STEPS,
-                      guidance_scale=digits.DEFAULT_GUIDANCE, generator=torch.Generator().manual_seed(d),
-                      output_type="pt").images
-        digit_pred, colour_pred = classify_images(images, classifier)
-        hits.append(((digit_pred == d) & (colour_pred == COLOURS.index(colour))).float())
-    assert torch.cat(hits).mean() >= 0.85
+    assert _quick_quality(pipe) >= 0.85
 
 
 @pytest.mark.slow
@@ -279,25 +290,10 @@ def test_full_flow_training_rebuilds_the_committed_weights(tmp_path):
     run with the committed build's torch thread count; then a quick quality check."""
     from diffusers import StableDiffusion3Pipeline
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(json.loads((digits.FLOW_MODEL_DIR / "digits_training.json").read_text())["torch_threads"])
-    try:
-        folder = train_flow_pipeline(FlowTrainingOptions(output_dir=str(tmp_path / "digits-flow")))
-    finally:
-        torch.set_num_threads(threads)
+    folder = _rebuild(train_flow_pipeline, FlowTrainingOptions(output_dir=str(tmp_path / "digits-flow")), digits.FLOW_MODEL_DIR)
     for part, name in (("transformer", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"),
                        ("text_encoder_2", "model")):
         new, committed = (load_file(str(f / part / f"{name}.safetensors")) for f in (Path(folder), digits.FLOW_MODEL_DIR))
         assert new.keys() == committed.keys() and all(torch.equal(new[k], committed[k]) for k in new), part
     pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = load_digits_classifier()
-    hits = []
-    for d in range(10):
-        colour = COLOURS[d % len(COLOURS)]
-        images = pipe(prompt_for(d, colour), num_images_per_prompt=8, num_inference_steps=digits.DEFAULT_STEPS,
-                      guidance_scale=digits.DEFAULT_GUIDANCE, generator=torch.Generator().manual_seed(d),
-                      max_sequence_length=flow_build.TEXT_WINDOW, output_type="pt").images
-        digit_pred, colour_pred = classify_images(images, classifier)
-        hits.append(((digit_pred == d) & (colour_pred == COLOURS.index(colour))).float())
-    assert torch.cat(hits).mean() >= 0.85
+    assert _quick_quality(pipe, max_sequence_length=flow_build.TEXT_WINDOW) >= 0.85
